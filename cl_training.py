@@ -1,0 +1,108 @@
+"""Curriculum learning of the BlockDrop policy network on a frozen, pretrained ResNet.
+
+    python cl_training.py --model R110_C10 --cv_dir cv/R110_C10_cl/ --lr 1e-3 --batch_size 2048 --max_epochs 5000
+
+At epoch e the agent decides only the last min(e // cl_step + 1, K) blocks; the others run.
+"""
+
+import torch
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+import utils
+
+
+def get_args_parser():
+    p = utils.make_parser("Curriculum learning of the policy network (ResNet frozen).")
+    p.add_argument("--lr", type=utils.positive_float, default=1e-3, help="learning rate")
+    p.add_argument("--beta", type=float, default=1e-1, help="entropy bonus weight")
+    p.add_argument("--wd", type=utils.non_negative_float, default=0.0, help="weight decay")
+    p.add_argument("--load", default=None, help="checkpoint to resume from (agent and epoch)")
+    p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
+    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
+    p.add_argument("--epoch_step", type=utils.positive_int, default=10000, help="epochs between learning-rate decays")
+    p.add_argument("--max_epochs", type=utils.non_negative_int, default=10000, help="epochs to run (after the start epoch)")
+    p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
+    p.add_argument("--parallel", action="store_true", default=False, help="multi-GPU training (not implemented yet)")
+    p.add_argument("--cl_step", type=utils.positive_int, default=1, help="epochs per curriculum step (one more block decided each step)")
+    p.add_argument("--penalty", type=float, default=-1, help="reward of a wrong prediction (gamma)")
+    p.add_argument("--alpha", type=utils.probability, default=0.8, help="probability bound: p' = alpha*p + (1-alpha)*(1-p)")
+    p.add_argument("--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs")
+    return p
+
+
+def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
+    """One epoch of REINFORCE on the agent (paper, Eq. 6-8, with the curriculum mask)."""
+    agent.train()
+    rnet.eval()
+    mask = utils.curriculum_mask(rnet.num_blocks, decided, device)  # (K,)
+    policies, rewards, matches = [], [], []
+    for inputs, targets in tqdm(loader, desc="train", leave=False, dynamic_ncols=True):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        probs, _ = agent(inputs)  # (B, K)
+        policy_map, policy, distr = utils.sample_policy(probs, args.alpha)
+        # Curriculum: the first K - decided blocks always run and take no part in the loss.
+        policy_map[:, ~mask] = 1.0
+        policy[:, ~mask] = 1.0
+
+        with torch.no_grad():  # the ResNet is frozen
+            preds_map = rnet(inputs, policy_map)
+            preds_sample = rnet(inputs, policy)
+        reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
+        reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
+        advantage = reward_sample - reward_map  # (B,) self-critical baseline
+
+        loss = -distr.log_prob(policy) * advantage[:, None] * mask  # (B, K)
+        # One-sided entropy term of the original (not the full Bernoulli entropy).
+        bounded = distr.probs.clamp(1e-15, 1 - 1e-15)
+        entropy = (-bounded * torch.log(bounded)).sum()
+        loss = (loss.sum() - args.beta * entropy) / inputs.shape[0]
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        policies.append(policy.cpu())
+        rewards.append(reward_sample.cpu())
+        matches.append(match.cpu())
+    return utils.performance_stats(policies, rewards, matches)
+
+
+def main(args):
+    utils.check_parallel(args)
+    device = utils.get_device(args.device)
+    utils.set_seed(args.seed)
+    rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy)
+    start_epoch = ckpt.get("epoch", -1) + 1
+    trainset, testset = utils.get_data(args)
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device)
+    testloader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
+
+    rnet.to(device).eval()
+    for p in rnet.parameters():
+        p.requires_grad_(False)
+    agent.to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
+
+    utils.write_run_info(args.cv_dir, args)
+    writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log")
+    num_blocks = rnet.num_blocks
+    last_epoch = start_epoch + args.max_epochs
+    for epoch in range(start_epoch, last_epoch + 1):
+        utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
+        decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
+        stats = train_epoch(args, rnet, agent, trainloader, optimizer, device, decided)
+        print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
+        utils.log_stats(writer, "train", stats, epoch)
+        if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
+            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, decided)
+            stats = utils.performance_stats(*results)
+            print(utils.stats_line("TS - ", stats), flush=True)
+            utils.log_stats(writer, "test", stats, epoch)
+            state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
+            utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
+    writer.close()
+
+
+if __name__ == "__main__":
+    utils.run(main, get_args_parser())

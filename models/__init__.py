@@ -1,0 +1,1 @@
+"""BlockDrop models: flat ResNets whose blocks can be skipped, and the policy networks."""

@@ -1,0 +1,226 @@
+"""Flat ResNets whose residual blocks can be dropped per image, and the BlockDrop policy networks.
+
+A flat ResNet keeps its blocks as ``blocks[segment][k]`` and the shortcut of each segment's first
+block as ``ds[segment]``; block ``t`` counts over all segments in order (K blocks in all). Block
+``t`` computes ``x = relu(residual + block(x))`` when kept and ``x = residual`` when dropped, where
+``residual = ds[segment](x)`` for the first block of a segment, so a dropped first block still
+changes the resolution and width.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import BasicBlock, Bottleneck, DownsampleB, conv3x3
+
+
+class FlatResNet(nn.Module):
+    """Shared forward passes; subclasses build the stem (``seed``), ``blocks``, ``ds`` and ``fc``."""
+
+    layer_config: list[int]
+
+    def seed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(x)
+        return self.fc(torch.flatten(x, 1))
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.layer_config)
+
+    def block_positions(self):
+        """Yield (t, segment, k) for every block in execution order."""
+        t = 0
+        for segment, n in enumerate(self.layer_config):
+            for k in range(n):
+                yield t, segment, k
+                t += 1
+
+    def forward_full(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain ResNet: every block runs."""
+        x = self.seed(x)
+        for _, segment, k in self.block_positions():
+            residual = self.ds[segment](x) if k == 0 else x
+            x = F.relu(residual + self.blocks[segment][k](x))
+        return self.head(x)
+
+    def forward_single(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        """One policy (K,) for the whole batch; dropped blocks are not computed."""
+        keep = [bool(v) for v in policy.reshape(-1).tolist()]  # one host sync, not K
+        if len(keep) != self.num_blocks:
+            raise ValueError(f"policy has {len(keep)} entries, the network has {self.num_blocks} blocks")
+        x = self.seed(x)
+        for t, segment, k in self.block_positions():
+            residual = self.ds[segment](x) if k == 0 else x
+            x = F.relu(residual + self.blocks[segment][k](x)) if keep[t] else residual
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        """Per-image policies (B, K): block t runs only on the rows that keep it.
+
+        The rows that keep a block are gathered, run through it and written back with
+        ``index_copy`` (differentiable in both inputs), so a policy saves real time, unlike the
+        original's masked form that ran every block on every image. In training mode BatchNorm
+        therefore normalises over the images that actually use the block.
+        """
+        if policy.shape != (x.shape[0], self.num_blocks):
+            raise ValueError(f"policy shape {tuple(policy.shape)}, expected {(x.shape[0], self.num_blocks)}")
+        keep = policy.bool()  # (B, K)
+        counts = keep.sum(0).tolist()  # blocks kept per column, one host sync
+        x = self.seed(x)
+        batch = x.shape[0]
+        for t, segment, k in self.block_positions():
+            residual = self.ds[segment](x) if k == 0 else x
+            block = self.blocks[segment][k]
+            if counts[t] == batch:
+                x = F.relu(residual + block(x))
+            elif counts[t] == 0:
+                x = residual
+            else:
+                rows = keep[:, t].nonzero().squeeze(1)  # (n,)
+                out = F.relu(residual.index_select(0, rows) + block(x.index_select(0, rows)))
+                x = residual.index_copy(0, rows, out)
+        return self.head(x)
+
+    def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+        """The original's form: every block on every image, dropped rows masked out (reference)."""
+        mask = policy.to(x.dtype)
+        x = self.seed(x)
+        for t, segment, k in self.block_positions():
+            residual = self.ds[segment](x) if k == 0 else x
+            fx = F.relu(residual + self.blocks[segment][k](x))
+            m = mask[:, t].view(-1, 1, 1, 1)
+            x = fx * m + residual * (1 - m)
+        return self.head(x)
+
+    def _init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+class FlatResNet32(FlatResNet):
+    """CIFAR-style ResNet (depth 6n+2): widths 16/32/64, parameter-free shortcuts, 8x8 pooling."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 10):
+        super().__init__()
+        self.inplanes = 16
+        self.conv1 = conv3x3(3, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AvgPool2d(8)
+        blocks, ds = [], []
+        for planes, n, stride in zip([16, 32, 64], layers, [1, 2, 2]):
+            segment, shortcut = self._make_layer(block, planes, n, stride)
+            blocks.append(nn.ModuleList(segment))
+            ds.append(shortcut)
+        self.blocks = nn.ModuleList(blocks)
+        self.ds = nn.ModuleList(ds)
+        self.fc = nn.Linear(64 * block.expansion, num_classes)
+        self.fc_dim = 64 * block.expansion
+        self.layer_config = list(layers)
+        self._init_weights()
+
+    def _make_layer(self, block, planes, n, stride):
+        shortcut = nn.Sequential()
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            shortcut = DownsampleB(self.inplanes, planes * block.expansion, stride)
+        segment = [block(self.inplanes, planes, stride)]
+        self.inplanes = planes * block.expansion
+        segment += [block(self.inplanes, planes, 1) for _ in range(1, n)]
+        return segment, shortcut
+
+    def seed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+
+class FlatResNet224(FlatResNet):
+    """ImageNet-style ResNet in torchvision's layout (7x7 stem, max-pool, conv1x1+BN shortcuts)."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], num_classes: int = 1000):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.avgpool = nn.AvgPool2d(7)
+        blocks, ds = [], []
+        for planes, n, stride in zip([64, 128, 256, 512], layers, [1, 2, 2, 2]):
+            segment, shortcut = self._make_layer(block, planes, n, stride)
+            blocks.append(nn.ModuleList(segment))
+            ds.append(shortcut)
+        self.blocks = nn.ModuleList(blocks)
+        self.ds = nn.ModuleList(ds)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self.fc_dim = 512 * block.expansion
+        self.layer_config = list(layers)
+        self._init_weights()
+
+    def _make_layer(self, block, planes, n, stride):
+        shortcut = nn.Sequential()
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            shortcut = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        segment = [block(self.inplanes, planes, stride)]
+        self.inplanes = planes * block.expansion
+        segment += [block(self.inplanes, planes, 1) for _ in range(1, n)]
+        return segment, shortcut
+
+    def seed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class Policy(nn.Module):
+    """A small ResNet whose features give K keep-probabilities, plus an unused value head."""
+
+    features: FlatResNet
+
+    def _make_heads(self, num_blocks: int):
+        self.feat_dim = self.features.fc.weight.shape[1]
+        self.features.fc = nn.Identity()  # the classifier is not part of the policy network
+        self.logit = nn.Linear(self.feat_dim, num_blocks)
+        # Kept only so that the released checkpoints load with strict=True.
+        self.vnet = nn.Linear(self.feat_dim, 1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load, dropping the ``features.fc.*`` keys that legacy checkpoints still carry."""
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("features.fc.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.features.forward_full(self.prepare(x))  # (B, feat_dim)
+        probs = torch.sigmoid(self.logit(feats))  # (B, K)
+        return probs, self.vnet(feats)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class Policy32(Policy):
+    """Policy network for 32x32 inputs: a ResNet-8 ([1,1,1]) with 64-d features."""
+
+    def __init__(self, layer_config: list[int] = (1, 1, 1), num_blocks: int = 15):
+        super().__init__()
+        self.features = FlatResNet32(BasicBlock, list(layer_config), num_classes=10)
+        self._make_heads(num_blocks)
+
+
+class Policy224(Policy):
+    """Policy network for 224x224 inputs: ResNet-18's first block per stage on a 112x112 input."""
+
+    def __init__(self, layer_config: list[int] = (1, 1, 1, 1), num_blocks: int = 16):
+        super().__init__()
+        self.features = FlatResNet224(BasicBlock, list(layer_config), num_classes=1000)
+        self.features.avgpool = nn.AvgPool2d(4)  # 112x112 input leaves a 4x4 map
+        self._make_heads(num_blocks)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, 2)

@@ -1,0 +1,756 @@
+"""Everything the BlockDrop scripts share: model table, data, checkpoints, policies, rewards, stats.
+
+Public API kept from the original code: ``get_model``, ``get_dataset``, ``get_transforms``,
+``load_weights_to_flatresnet``, ``load_checkpoint``, ``performance_stats``.
+"""
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import random
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+from torch import nn
+from torch.distributions import Bernoulli
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from models.base import BasicBlock, Bottleneck
+from models.resnet import FlatResNet, FlatResNet32, FlatResNet224, Policy, Policy32, Policy224
+
+PRETRAINED_DIR = Path("cv/pretrained")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class UserError(Exception):
+    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The model table
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that a model name ``R<depth>_<dataset>`` stands for."""
+
+    name: str
+    dataset: str  # C10, C100, FMNIST or ImgNet
+    num_classes: int
+    block: type[nn.Module]
+    layer_config: tuple[int, ...]
+    pretrained_file: str | None = None  # the released base model, relative to cv/pretrained/<name>
+    torchvision_arch: str | None = None  # ImageNet-style models: torchvision's pretrained weights
+
+    @property
+    def imagenet(self) -> bool:
+        return self.dataset == "ImgNet"
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(self.layer_config)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (3, 224, 224) if self.imagenet else (3, 32, 32)
+
+
+CIFAR_DATASETS = {"C10": 10, "C100": 100, "FMNIST": 10}
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+IMAGENET_LAYERS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+# The base ResNets of the authors' tarball, found without any flag.
+RELEASED_BASE_FILES = {
+    "R32_C10": "pk_E_164_A_0.923.t7",
+    "R110_C10": "pk_E_130_A_0.932.t7",
+    "R32_C100": "pk_E_164_A_0.693.t7",
+    "R110_C100": "pk_E_160_A_0.723.t7",
+    "R101_ImgNet": "ImageNet_R101_224_76.464",
+}
+
+
+def _build_model_table() -> dict[str, ModelSpec]:
+    table = {}
+    for dataset, classes in CIFAR_DATASETS.items():
+        for depth in CIFAR_DEPTHS:
+            name = f"R{depth}_{dataset}"
+            n = (depth - 2) // 6
+            table[name] = ModelSpec(name, dataset, classes, BasicBlock, (n, n, n), RELEASED_BASE_FILES.get(name))
+    for depth, (block, layers) in IMAGENET_LAYERS.items():
+        name = f"R{depth}_ImgNet"
+        table[name] = ModelSpec(
+            name, "ImgNet", 1000, block, layers, RELEASED_BASE_FILES.get(name), f"resnet{depth}"
+        )
+    return table
+
+
+MODELS = _build_model_table()
+
+
+def model_spec(model: str) -> ModelSpec:
+    """The table entry of a model name; an unknown name is a UserError listing the valid ones."""
+    try:
+        return MODELS[model]
+    except KeyError:
+        raise UserError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}") from None
+
+
+def build_model(model: str) -> tuple[FlatResNet, Policy]:
+    """A randomly initialised ResNet and policy network for a model name."""
+    spec = model_spec(model)
+    if spec.imagenet:
+        rnet = FlatResNet224(spec.block, list(spec.layer_config), num_classes=spec.num_classes)
+        agent = Policy224([1, 1, 1, 1], num_blocks=spec.num_blocks)
+    else:
+        rnet = FlatResNet32(spec.block, list(spec.layer_config), num_classes=spec.num_classes)
+        agent = Policy32([1, 1, 1], num_blocks=spec.num_blocks)
+    return rnet, agent
+
+
+def find_pretrained(model: str, root: Path = PRETRAINED_DIR) -> Path | None:
+    """The base ResNet file of a model: the released one, else pretrain.py's latest, else None."""
+    spec = model_spec(model)
+    folder = Path(root) / spec.name
+    if spec.pretrained_file and (folder / spec.pretrained_file).is_file():
+        return folder / spec.pretrained_file
+    found = []
+    for path in folder.glob("pk_E_*_A_*.t7"):
+        m = re.match(r"pk_E_(\d+)_A_", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _torchvision_weights(arch: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of a torchvision ResNet (downloaded into torch's hub cache once)."""
+    weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except Exception as e:
+        raise UserError(
+            f"could not download torchvision's {arch} ImageNet weights ({type(e).__name__}); "
+            f"connect to the network once, or put the file in {torch.hub.get_dir()}/checkpoints"
+        ) from None
+
+
+def load_pretrained_rnet(rnet: FlatResNet, model: str, root: Path = PRETRAINED_DIR) -> str:
+    """Load the base ResNet weights of ``model`` into ``rnet``; return where they came from."""
+    spec = model_spec(model)
+    path = find_pretrained(model, root)
+    if path is not None:
+        load_weights_to_flatresnet(load_file(path), rnet)
+        return str(path)
+    if spec.torchvision_arch:
+        load_weights_to_flatresnet(_torchvision_weights(spec.torchvision_arch), rnet)
+        return f"torchvision {spec.torchvision_arch} ImageNet weights"
+    raise UserError(
+        f"no pretrained ResNet for {model} in {Path(root) / model}/: "
+        f"run `python pretrain.py --model {model}` or download the released checkpoints"
+    )
+
+
+def load_pretrained_agent(agent: Policy, model: str) -> None:
+    """ImageNet policy networks start from ResNet-18 (first block of each stage); CIFAR ones do not."""
+    if model_spec(model).imagenet:
+        load_weights_to_flatresnet(_torchvision_weights("resnet18"), agent.features, strict=False)
+
+
+def get_model(model: str, pretrained: bool = True) -> tuple[FlatResNet, Policy]:
+    """The ResNet and policy network of a model name, the ResNet with its pretrained weights."""
+    rnet, agent = build_model(model)
+    if pretrained:
+        load_pretrained_rnet(rnet, model)
+        load_pretrained_agent(agent, model)
+    return rnet, agent
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Read a checkpoint safely (no code runs), including the released Python 2 / PyTorch 0.3 files."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        # Namespace is the only non-tensor class in the released files (the base models' args).
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # torch warns that encoding= needs weights_only=False, yet passes it on for legacy files.
+            warnings.filterwarnings("ignore", message="pickle_load_args only works")
+            obj = torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
+    except PermissionError:
+        raise UserError(f"checkpoint {path} is not readable") from None
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise UserError(f"refused to load {path}: it holds objects that are not plain data ({first_line})") from None
+        raise UserError(f"checkpoint {path} cannot be read, it is corrupt or not a checkpoint ({first_line})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write a checkpoint atomically: a temporary file in the same folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    """Remove a key prefix (``module.`` from DataParallel/DDP) where every key has it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _translate_key(key: str) -> str:
+    """Map the layer<N> naming (torchvision, the base CIFAR models) onto the flat naming."""
+    m = re.match(r"layer(\d+)\.(\d+)\.downsample\.(.*)", key)
+    if m:
+        return f"ds.{int(m.group(1)) - 1}.{m.group(3)}"
+    m = re.match(r"layer(\d+)\.(.*)", key)
+    if m:
+        return f"blocks.{int(m.group(1)) - 1}.{m.group(2)}"
+    return key
+
+
+def _describe(state: dict) -> str:
+    """Blocks per segment and classes of a flat-named ResNet state dict, for error messages."""
+    segments: dict[int, set[int]] = {}
+    for key in state:
+        m = re.match(r"blocks\.(\d+)\.(\d+)\.", key)
+        if m:
+            segments.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    layers = [len(segments[s]) for s in sorted(segments)]
+    classes = state["fc.weight"].shape[0] if "fc.weight" in state else "?"
+    return f"blocks {layers}, {classes} classes"
+
+
+def load_weights_to_flatresnet(source, target: FlatResNet, strict: bool = True) -> FlatResNet:
+    """Copy weights into a flat ResNet from a module, a ``{'state_dict': ...}`` file or a state dict.
+
+    Accepts the flat naming and the ``layer<N>`` naming, with or without a ``module.`` prefix.
+    With ``strict=False`` keys the target lacks are ignored (ResNet-18 into the policy network).
+    """
+    if isinstance(source, nn.Module):
+        source = source.state_dict()
+    if "state_dict" in source and isinstance(source["state_dict"], dict):
+        source = source["state_dict"]
+    state = {_translate_key(k): v for k, v in strip_prefix(source).items()}
+    own = target.state_dict()
+    if not strict:
+        state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+        own.update(state)
+        state = own
+    wanted = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    mismatch = set(wanted) ^ {k for k in state if not k.endswith("num_batches_tracked")}
+    bad_shapes = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
+    if mismatch or bad_shapes:
+        raise UserError(
+            f"weights do not fit this network: they hold {_describe(state)}, "
+            f"the network has {_describe(own)}"
+        )
+    target.load_state_dict(state)
+    return target
+
+
+def _as_float(value) -> float:
+    return float(value.item() if torch.is_tensor(value) else value)
+
+
+def _load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
+    agent_state = ckpt.get("agent", ckpt.get("net"))
+    if not isinstance(agent_state, dict):
+        raise UserError(f"{path} is not a BlockDrop checkpoint: it has no 'agent' (keys: {', '.join(map(str, ckpt))})")
+    agent_state = strip_prefix(agent_state)
+    logit = agent_state.get("logit.weight")
+    if logit is None:
+        raise UserError(f"{path}: its agent has no 'logit.weight'; it is not a BlockDrop policy network")
+    if logit.shape[0] != num_blocks:
+        raise UserError(f"{path} holds a policy for {logit.shape[0]} blocks; this model has {num_blocks} blocks")
+    try:
+        agent.load_state_dict(agent_state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: its agent does not fit this model ({str(e).strip().splitlines()[0]})") from None
+
+
+def load_agent(agent: Policy, path: str | os.PathLike, num_blocks: int) -> dict:
+    """Load only the policy network of a BlockDrop checkpoint (``agent``, or legacy ``net``)."""
+    ckpt = load_file(path)
+    _load_agent_state(agent, ckpt, path, num_blocks)
+    return ckpt
+
+
+def load_checkpoint(rnet: FlatResNet, agent: Policy, path: str | os.PathLike) -> dict:
+    """Load a BlockDrop checkpoint (``agent`` or legacy ``net``, optional ``resnet``) into the models.
+
+    Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers.
+    """
+    ckpt = load_agent(agent, path, rnet.num_blocks)
+    if "resnet" in ckpt:
+        try:
+            load_weights_to_flatresnet(ckpt["resnet"], rnet)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+    if "epoch" in ckpt:
+        ckpt["epoch"] = int(_as_float(ckpt["epoch"]))
+    for key in ("reward", "acc"):
+        if key in ckpt:
+            ckpt[key] = _as_float(ckpt[key])
+    return ckpt
+
+
+def checkpoint_path(cv_dir: str | os.PathLike, epoch: int, stats) -> Path:
+    """Where an evaluation's checkpoint goes: the original's name built from its statistics."""
+    accuracy, reward, sparsity, _, policy_set = stats
+    return Path(cv_dir) / f"ckpt_E_{epoch}_A_{accuracy:.3f}_R_{reward:.2E}_S_{sparsity:.2f}_#_{len(policy_set)}.t7"
+
+
+def models_for_run(model: str, load: str | None = None, dummy: bool = False, init_agent: bool = True):
+    """ResNet and agent for a script: ``load``'s weights where it has them, pretrained ones otherwise.
+
+    With fake data (``dummy``) missing pretrained weights are replaced by random ones, with a note.
+    Returns (rnet, agent, checkpoint dict or {}).
+    """
+    rnet, agent = build_model(model)
+    ckpt = load_checkpoint(rnet, agent, load) if load else {}
+
+    def pretrained(what: str, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except UserError as e:
+            if not dummy:
+                raise
+            print(f"note: {e}; fake data, so {what} keeps random weights", file=sys.stderr, flush=True)
+
+    if "resnet" not in ckpt:
+        pretrained("the ResNet", lambda: load_pretrained_rnet(rnet, model))
+    if not load and init_agent:
+        pretrained("the policy network", lambda: load_pretrained_agent(agent, model))
+    return rnet, agent, ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def get_transforms(rnet: str, dset: str) -> tuple[Callable, Callable]:
+    """Train and test transforms of a model name ``rnet`` on dataset key ``dset``."""
+    if dset in ("C10", "C100"):
+        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        # Only the released R32_C10 base model was trained on normalised inputs.
+        norm = [T.Normalize([x / 255.0 for x in (125.3, 123.0, 113.9)], [x / 255.0 for x in (63.0, 62.1, 66.7)])]
+        norm = norm if rnet == "R32_C10" else []
+        return T.Compose(augment + [T.ToTensor()] + norm), T.Compose([T.ToTensor()] + norm)
+    if dset == "FMNIST":
+        # 28x28 grey -> 32x32, the grey channel repeated three times, so the CIFAR-style
+        # networks (and their FLOP counts) are used unchanged.
+        base = [T.Pad(2), T.Grayscale(num_output_channels=3)]
+        norm = [T.ToTensor(), T.Normalize([0.286] * 3, [0.353] * 3)]
+        augment = [T.RandomCrop(32, padding=2), T.RandomHorizontalFlip()]
+        return T.Compose(base + augment + norm), T.Compose(base + norm)
+    if dset == "ImgNet":
+        norm = [T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+        train = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip()] + norm)
+        return train, T.Compose([T.Resize(256), T.CenterCrop(224)] + norm)
+    raise UserError(f"unknown dataset {dset!r}; valid datasets: C10, C100, FMNIST, ImgNet")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX array (the MNIST file format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+class IdxImages(Dataset):
+    """Grey images and labels read from a pair of IDX files (Fashion-MNIST's own format)."""
+
+    def __init__(self, images: Path, labels: Path, transform: Callable | None = None):
+        self.images = _read_idx(images)  # (N, 28, 28) uint8
+        self.targets = _read_idx(labels).astype(np.int64)  # (N,)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        img = Image.fromarray(self.images[i], mode="L")
+        return (self.transform(img) if self.transform else img), int(self.targets[i])
+
+
+def _fashion_mnist(root: str, transform_train, transform_test):
+    for folder in (FASHION_MNIST_DIR, Path(root) / "fashion-mnist"):
+        files = {s: folder / f"{s}-idx{d}-ubyte.gz" for s, d in [("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1)]}
+        if all(p.is_file() for p in files.values()):
+            train = IdxImages(files["train-images"], files["train-labels"], transform_train)
+            test = IdxImages(files["t10k-images"], files["t10k-labels"], transform_test)
+            return train, test
+    try:
+        train = torchvision.datasets.FashionMNIST(root, train=True, download=True, transform=transform_train)
+        test = torchvision.datasets.FashionMNIST(root, train=False, download=True, transform=transform_test)
+    except Exception as e:
+        raise UserError(
+            f"Fashion-MNIST is not installed and could not be downloaded into {root} ({type(e).__name__}): "
+            f"install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or connect to the network"
+        ) from None
+    return train, test
+
+
+def _cifar(dset: str, root: str, transform_train, transform_test):
+    cls = torchvision.datasets.CIFAR10 if dset == "C10" else torchvision.datasets.CIFAR100
+    try:
+        train = cls(root, train=True, download=True, transform=transform_train)
+        test = cls(root, train=False, download=True, transform=transform_test)
+    except Exception as e:
+        raise UserError(
+            f"{cls.__name__} is not in {root} and could not be downloaded ({type(e).__name__}): "
+            f"connect to the network, or put torchvision's {cls.base_folder} folder into {root}"
+        ) from None
+    return train, test
+
+
+def get_dataset(model: str, root: str = "data/"):
+    """Train and test sets for a model name, with the model's transforms."""
+    spec = model_spec(model)
+    if not os.path.isdir(root):
+        raise UserError(f"data directory {root} does not exist")
+    transform_train, transform_test = get_transforms(spec.name, spec.dataset)
+    if spec.dataset == "FMNIST":
+        return _fashion_mnist(root, transform_train, transform_test)
+    if spec.dataset == "ImgNet":
+        sets = []
+        for split, transform in (("train", transform_train), ("val", transform_test)):
+            folder = os.path.join(root, split)
+            if not os.path.isdir(folder):
+                raise UserError(f"ImageNet folder {folder} does not exist: --data_dir must hold train/ and val/ class folders")
+            sets.append(torchvision.datasets.ImageFolder(folder, transform))
+        return tuple(sets)
+    return _cifar(spec.dataset, root, transform_train, transform_test)
+
+
+def get_dummy_dataset(model: str, n: int, seed: int = 0):
+    """``n`` random images of the model's input size with random labels, as train and test sets."""
+    spec = model_spec(model)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, *spec.input_size, generator=g)
+    labels = torch.randint(0, spec.num_classes, (n,), generator=g)
+    data = TensorDataset(images, labels)
+    return data, data
+
+
+def get_data(args) -> tuple[Dataset, Dataset]:
+    """Train and test sets as the common flags ask: fake (``--dummy``), real, or a real subset."""
+    if args.dummy:
+        trainset, testset = get_dummy_dataset(args.model, args.dummy, args.seed)
+    else:
+        trainset, testset = get_dataset(args.model, args.data_dir)
+    if args.subset:
+        trainset = Subset(trainset, range(min(args.subset, len(trainset))))
+    return trainset, testset
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device) -> DataLoader:
+    """A DataLoader with pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies, rewards and statistics (paper, Sec. 3.2)
+
+
+def sample_policy(probs: torch.Tensor, alpha: float):
+    """Greedy policy, bounded Bernoulli distribution and a policy sampled from it.
+
+    ``probs`` (B, K) -> ``policy_map`` (B, K) = probs >= 0.5, ``distr`` over
+    p' = alpha * p + (1 - alpha) * (1 - p), and ``policy`` (B, K) ~ distr.
+    """
+    probs = probs.float()  # log-probabilities in float32
+    policy_map = (probs >= 0.5).float()
+    bounded = probs * alpha + (1 - probs) * (1 - alpha)
+    distr = Bernoulli(bounded)
+    return policy_map, distr.sample(), distr
+
+
+def get_reward(preds: torch.Tensor, targets: torch.Tensor, policy: torch.Tensor, penalty: float):
+    """R(u) = 1 - (|u|/K)^2 where the prediction is right, else ``penalty``. Returns (B,) reward and match."""
+    block_use = policy.sum(1).float() / policy.shape[1]  # (B,)
+    match = preds.argmax(1) == targets  # (B,)
+    reward = torch.where(match, 1.0 - block_use**2, torch.full_like(block_use, penalty))
+    return reward, match.float()
+
+
+def curriculum_blocks(epoch: int, num_blocks: int, cl_step: int = 1) -> int:
+    """Blocks the agent decides at ``epoch``: one more every ``cl_step`` epochs, at most all."""
+    return min(epoch // cl_step + 1, num_blocks)
+
+
+def curriculum_mask(num_blocks: int, decided: int, device=None) -> torch.Tensor:
+    """(K,) bool, True on the last ``decided`` blocks (those the agent chooses)."""
+    mask = torch.zeros(num_blocks, dtype=torch.bool, device=device)
+    mask[num_blocks - decided :] = True
+    return mask
+
+
+def performance_stats(policies, rewards, matches):
+    """Accuracy, mean reward, mean and std of blocks used, and the set of distinct policies."""
+    policies = torch.cat(list(policies)) if not torch.is_tensor(policies) else policies
+    rewards = torch.cat(list(rewards)) if not torch.is_tensor(rewards) else rewards
+    matches = torch.cat(list(matches)) if not torch.is_tensor(matches) else matches
+    blocks = policies.float().sum(1)  # (N,)
+    accuracy = matches.float().mean().item()
+    reward = rewards.float().mean().item()
+    sparsity = blocks.mean().item()
+    variance = blocks.std().item() if len(blocks) > 1 else 0.0
+    policy_set = {"".join(str(v) for v in row) for row in policies.int().tolist()}
+    return accuracy, reward, sparsity, variance, policy_set
+
+
+def stats_line(prefix: str, stats) -> str:
+    """The original's console line: accuracy, reward, blocks used (mean, std), unique policies."""
+    accuracy, reward, sparsity, variance, policy_set = stats
+    return f"{prefix}A: {accuracy:.3f} | R: {reward:.2E} | S: {sparsity:.3f} | V: {variance:.3f} | #: {len(policy_set)}"
+
+
+def log_stats(writer, split: str, stats, epoch: int) -> None:
+    """TensorBoard scalars of one epoch's statistics."""
+    accuracy, reward, sparsity, variance, policy_set = stats
+    for name, value in [
+        ("accuracy", accuracy),
+        ("reward", reward),
+        ("sparsity", sparsity),
+        ("variance", variance),
+        ("unique_policies", len(policy_set)),
+    ]:
+        writer.add_scalar(f"{split}_{name}", value, epoch)
+
+
+def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
+    """The agent's greedy policy (B, K): keep a block where its probability is at least 0.5."""
+    probs, _ = agent(inputs)
+    return (probs >= 0.5).float()
+
+
+@torch.no_grad()
+def evaluate(rnet, agent, loader, device, penalty: float, decided: int | None = None, policy_fn=None):
+    """Policies over a loader, in batches: (policies, rewards, matches) on the CPU.
+
+    ``policy_fn(inputs) -> (B, K)`` chooses the policies; by default the agent's greedy ones. With
+    ``decided`` set, the first K - decided blocks are forced on (curriculum learning).
+    """
+    rnet.eval()
+    agent.eval()
+    policy_fn = policy_fn or (lambda x: greedy_policy(agent, x))
+    policies, rewards, matches = [], [], []
+    for inputs, targets in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        policy = policy_fn(inputs)  # (B, K)
+        if decided is not None:
+            policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
+        preds = rnet(inputs, policy)
+        reward, match = get_reward(preds, targets, policy, penalty)
+        policies.append(policy.cpu())
+        rewards.append(reward.cpu())
+        matches.append(match.cpu())
+    return torch.cat(policies), torch.cat(rewards), torch.cat(matches)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs (2 x multiply-accumulates of convolutions and linear layers, measured by PyTorch)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call, measured with ``torch.utils.flop_counter``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def block_flops(rnet: FlatResNet, input_size: tuple[int, ...]) -> tuple[int, torch.Tensor]:
+    """FLOPs of one image through the always-run parts (stem, shortcuts, classifier) and per block (K,)."""
+    was_training = rnet.training
+    rnet.eval()
+    x = torch.zeros(1, *input_size, device=next(rnet.parameters()).device)
+    inputs = []  # each block's input, in execution order
+    hooks = [
+        rnet.blocks[s][k].register_forward_pre_hook(lambda m, args: inputs.append((m, args[0])))
+        for _, s, k in rnet.block_positions()
+    ]
+    try:
+        total = count_flops(lambda: rnet.forward_full(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    per_block = torch.tensor([count_flops(lambda: m(a)) for m, a in inputs], dtype=torch.float64)
+    rnet.train(was_training)
+    return int(total - per_block.sum().item()), per_block
+
+
+def policy_flops(agent: Policy, input_size: tuple[int, ...]) -> int:
+    """FLOPs of the policy network on one image."""
+    was_training = agent.training
+    agent.eval()
+    x = torch.zeros(1, *input_size, device=next(agent.parameters()).device)
+    flops = count_flops(lambda: agent(x))
+    agent.train(was_training)
+    return flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: arguments, device, seeds, run records
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad input in one line (no usage block) with exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _typed(check: Callable[[float], bool], cast, what: str):
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _typed(lambda v: v > 0, int, "a positive integer")
+non_negative_int = _typed(lambda v: v >= 0, int, "a non-negative integer")
+positive_float = _typed(lambda v: v > 0, float, "a positive number")
+non_negative_float = _typed(lambda v: v >= 0, float, "a non-negative number")
+probability = _typed(lambda v: 0.5 < v <= 1, float, "a number in (0.5, 1]")
+
+
+def model_name(text: str) -> str:
+    """argparse type of ``--model``."""
+    try:
+        return model_spec(text).name
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Flags every script shares (a parent parser)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", type=model_name, default="R110_C10", help="R<depth>_<C10|C100|FMNIST|ImgNet>")
+    p.add_argument("--data_dir", default="data/", help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)")
+    p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--dummy", type=non_negative_int, default=0, help="use N random images instead of a dataset (0: off)")
+    p.add_argument("--subset", type=non_negative_int, default=0, help="train on the first N training images only (0: all)")
+    return p
+
+
+def make_parser(description: str) -> ArgumentParser:
+    """A script's parser: common flags as a parent, defaults shown in every help line."""
+    return ArgumentParser(
+        description=description, parents=[common_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def get_device(name: str) -> torch.device:
+    """The device of ``--device``, checked once."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_parallel(args) -> None:
+    """``--parallel`` is not available yet: say so rather than silently train on one device."""
+    if getattr(args, "parallel", False):
+        raise UserError("--parallel is not implemented yet; train on one device (drop --parallel)")
+
+
+def write_run_info(cv_dir: str | os.PathLike, args) -> None:
+    """Record the arguments, the command line and library versions in ``<cv_dir>/args.json``."""
+    cv_dir = Path(cv_dir)
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "args": vars(args),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "numpy": np.__version__,
+        },
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    (cv_dir / "args.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, epoch: int, epoch_step: int, ratio: float) -> float:
+    """lr = base * ratio ** (epoch // epoch_step), set on every parameter group."""
+    lr = base_lr * ratio ** (epoch // epoch_step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None):
+    """Parse the command line and run ``main``; a UserError becomes one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
