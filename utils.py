@@ -127,17 +127,14 @@ def build_model(model: str) -> tuple[FlatResNet, Policy]:
 
 
 def find_pretrained(model: str, root: Path = PRETRAINED_DIR) -> Path | None:
-    """The base ResNet file of a model: the released one, else pretrain.py's latest, else None."""
+    """The base ResNet file of a model: the released one, else pretrain.py's newest, else None."""
     spec = model_spec(model)
     folder = Path(root) / spec.name
     if spec.pretrained_file and (folder / spec.pretrained_file).is_file():
         return folder / spec.pretrained_file
-    found = []
-    for path in folder.glob("pk_E_*_A_*.t7"):
-        m = re.match(r"pk_E_(\d+)_A_", path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    # The most recently written file: the base model the user trained last.
+    found = sorted(folder.glob("pk_E_*_A_*.t7"), key=lambda p: (p.stat().st_mtime, p.name))
+    return found[-1] if found else None
 
 
 def _torchvision_weights(arch: str) -> dict[str, torch.Tensor]:

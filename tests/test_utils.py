@@ -141,12 +141,13 @@ def test_base_model_file_in_the_released_format_is_found(tmp_path, monkeypatch):
     assert utils.find_pretrained("R32_C10") == utils.Path("cv/pretrained/R32_C10/pk_E_164_A_0.923.t7")
 
 
-def test_pretrained_lookup_takes_the_latest_epoch(tmp_path):
+def test_pretrained_lookup_takes_the_newest_file(tmp_path):
     folder = tmp_path / "R20_FMNIST"
     folder.mkdir()
-    for name in ["pk_E_9_A_0.800.t7", "pk_E_10_A_0.700.t7", "other.t7"]:
+    for age, name in enumerate(["pk_E_30_A_0.900.t7", "pk_E_2_A_0.700.t7", "other.t7"]):
         (folder / name).write_bytes(b"")
-    assert utils.find_pretrained("R20_FMNIST", tmp_path).name == "pk_E_10_A_0.700.t7"
+        os.utime(folder / name, (1000 + age, 1000 + age))
+    assert utils.find_pretrained("R20_FMNIST", tmp_path).name == "pk_E_2_A_0.700.t7"
     assert utils.find_pretrained("R32_FMNIST", tmp_path) is None
     with pytest.raises(utils.UserError, match="pretrain.py --model R32_FMNIST"):
         utils.load_pretrained_rnet(utils.build_model("R32_FMNIST")[0], "R32_FMNIST", tmp_path)
