@@ -21,12 +21,18 @@ def get_args_parser():
     p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
     p.add_argument("--epoch_step", type=utils.positive_int, default=1600, help="epochs between learning-rate decays")
-    p.add_argument("--max_epochs", type=utils.non_negative_int, default=2000, help="epochs to run (after the start epoch)")
+    p.add_argument(
+        "--max_epochs", type=utils.non_negative_int, default=2000, help="epochs to run (after the start epoch)"
+    )
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
     p.add_argument("--parallel", action="store_true", default=False, help="multi-GPU training (not implemented yet)")
     p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
-    p.add_argument("--alpha", type=utils.probability, default=0.8, help="probability bound: p' = alpha*p + (1-alpha)*(1-p)")
-    p.add_argument("--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs")
+    p.add_argument(
+        "--alpha", type=utils.probability, default=0.8, help="probability bound: p' = alpha*p + (1-alpha)*(1-p)"
+    )
+    p.add_argument(
+        "--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs"
+    )
     return p
 
 

@@ -22,8 +22,12 @@ def get_args_parser():
     p.add_argument("--lr", type=utils.positive_float, default=0.1, help="peak learning rate")
     p.add_argument("--momentum", type=utils.non_negative_float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=utils.non_negative_float, default=5e-4, help="weight decay")
-    p.add_argument("--schedule", choices=["cosine", "step"], default="cosine",
-                   help="cosine: warm-up then cosine decay per step; step: x0.1 at 50%% and 75%% of the epochs")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "step"],
+        default="cosine",
+        help="cosine: warm-up then cosine decay per step; step: x0.1 at 50%% and 75%% of the epochs",
+    )
     p.add_argument("--warmup", type=utils.non_negative_float, default=0.5, help="warm-up epochs (cosine schedule)")
     p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
     p.add_argument("--load", default=None, help="pretraining checkpoint to resume from")
@@ -60,7 +64,9 @@ def test_accuracy(rnet, loader, device) -> float:
 def main(args):
     spec = utils.model_spec(args.model)
     if spec.imagenet:
-        raise utils.UserError(f"{args.model}: pretrain.py trains CIFAR-style models; ImageNet models use torchvision's weights")
+        raise utils.UserError(
+            f"{args.model}: pretrain.py trains CIFAR-style models; ImageNet models use torchvision's weights"
+        )
     cv_dir = args.cv_dir or f"cv/pretrained/{args.model}/"
     device = utils.get_device(args.device)
     utils.set_seed(args.seed)
@@ -73,7 +79,9 @@ def main(args):
     testloader = utils.make_loader(testset, 256, False, args.workers, device)
 
     rnet.to(device)
-    optimizer = torch.optim.SGD(rnet.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True)
+    optimizer = torch.optim.SGD(
+        rnet.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, len(trainloader)))
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -14,9 +14,10 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -97,9 +98,7 @@ def _build_model_table() -> dict[str, ModelSpec]:
             table[name] = ModelSpec(name, dataset, classes, BasicBlock, (n, n, n), RELEASED_BASE_FILES.get(name))
     for depth, (block, layers) in IMAGENET_LAYERS.items():
         name = f"R{depth}_ImgNet"
-        table[name] = ModelSpec(
-            name, "ImgNet", 1000, block, layers, RELEASED_BASE_FILES.get(name), f"resnet{depth}"
-        )
+        table[name] = ModelSpec(name, "ImgNet", 1000, block, layers, RELEASED_BASE_FILES.get(name), f"resnet{depth}")
     return table
 
 
@@ -198,10 +197,20 @@ def load_file(path: str | os.PathLike) -> dict:
     except PermissionError:
         raise UserError(f"checkpoint {path} is not readable") from None
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"refused to load {path}: it holds objects that are not plain data ({first_line})") from None
-        raise UserError(f"checkpoint {path} cannot be read, it is corrupt or not a checkpoint ({first_line})") from None
+        text = str(e).strip()
+        # torch wraps the unpickler's reason in a long generic paragraph: keep only the reason.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        specific = [
+            line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))
+        ]
+        reason = (specific or lines or [type(e).__name__])[0]
+        if re.search(r"global", text, re.IGNORECASE):
+            raise UserError(
+                f"refused to load {path}: it would import code, not only tensors and numbers ({reason})"
+            ) from None
+        raise UserError(
+            f"checkpoint {path} cannot be read: corrupt, truncated or not a checkpoint ({reason})"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj
@@ -270,8 +279,7 @@ def load_weights_to_flatresnet(source, target: FlatResNet, strict: bool = True) 
     bad_shapes = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
     if mismatch or bad_shapes:
         raise UserError(
-            f"weights do not fit this network: they hold {_describe(state)}, "
-            f"the network has {_describe(own)}"
+            f"weights do not fit this network: they hold {_describe(state)}, the network has {_describe(own)}"
         )
     target.load_state_dict(state)
     return target
@@ -407,7 +415,10 @@ class IdxImages(Dataset):
 
 def _fashion_mnist(root: str, transform_train, transform_test):
     for folder in (FASHION_MNIST_DIR, Path(root) / "fashion-mnist"):
-        files = {s: folder / f"{s}-idx{d}-ubyte.gz" for s, d in [("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1)]}
+        files = {
+            s: folder / f"{s}-idx{d}-ubyte.gz"
+            for s, d in [("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1)]
+        }
         if all(p.is_file() for p in files.values()):
             train = IdxImages(files["train-images"], files["train-labels"], transform_train)
             test = IdxImages(files["t10k-images"], files["t10k-labels"], transform_test)
@@ -449,7 +460,9 @@ def get_dataset(model: str, root: str = "data/"):
         for split, transform in (("train", transform_train), ("val", transform_test)):
             folder = os.path.join(root, split)
             if not os.path.isdir(folder):
-                raise UserError(f"ImageNet folder {folder} does not exist: --data_dir must hold train/ and val/ class folders")
+                raise UserError(
+                    f"ImageNet folder {folder} does not exist: --data_dir must hold train/ and val/ class folders"
+                )
             sets.append(torchvision.datasets.ImageFolder(folder, transform))
         return tuple(sets)
     return _cifar(spec.dataset, root, transform_train, transform_test)
@@ -614,7 +627,7 @@ def block_flops(rnet: FlatResNet, input_size: tuple[int, ...]) -> tuple[int, tor
     finally:
         for h in hooks:
             h.remove()
-    per_block = torch.tensor([count_flops(lambda: m(a)) for m, a in inputs], dtype=torch.float64)
+    per_block = torch.tensor([count_flops(partial(m, a)) for m, a in inputs], dtype=torch.float64)
     rnet.train(was_training)
     return int(total - per_block.sum().item()), per_block
 
@@ -672,12 +685,18 @@ def common_parser() -> argparse.ArgumentParser:
     """Flags every script shares (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--model", type=model_name, default="R110_C10", help="R<depth>_<C10|C100|FMNIST|ImgNet>")
-    p.add_argument("--data_dir", default="data/", help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)")
+    p.add_argument(
+        "--data_dir", default="data/", help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--dummy", type=non_negative_int, default=0, help="use N random images instead of a dataset (0: off)")
-    p.add_argument("--subset", type=non_negative_int, default=0, help="train on the first N training images only (0: all)")
+    p.add_argument(
+        "--dummy", type=non_negative_int, default=0, help="use N random images instead of a dataset (0: off)"
+    )
+    p.add_argument(
+        "--subset", type=non_negative_int, default=0, help="train on the first N training images only (0: all)"
+    )
     return p
 
 
@@ -735,7 +754,9 @@ def write_run_info(cv_dir: str | os.PathLike, args) -> None:
     (cv_dir / "args.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, epoch: int, epoch_step: int, ratio: float) -> float:
+def adjust_learning_rate(
+    optimizer: torch.optim.Optimizer, base_lr: float, epoch: int, epoch_step: int, ratio: float
+) -> float:
     """lr = base * ratio ** (epoch // epoch_step), set on every parameter group."""
     lr = base_lr * ratio ** (epoch // epoch_step)
     for group in optimizer.param_groups:
@@ -743,7 +764,9 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, base_lr: float, epoch
     return lr
 
 
-def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None):
+def run(
+    main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None
+):
     """Parse the command line and run ``main``; a UserError becomes one line on stderr and exit code 2."""
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import BasicBlock, Bottleneck, DownsampleB, conv3x3
+from models.base import BasicBlock, DownsampleB, conv3x3
 
 
 class FlatResNet(nn.Module):
@@ -115,7 +115,7 @@ class FlatResNet32(FlatResNet):
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(8)
         blocks, ds = [], []
-        for planes, n, stride in zip([16, 32, 64], layers, [1, 2, 2]):
+        for planes, n, stride in zip([16, 32, 64], layers, [1, 2, 2], strict=True):
             segment, shortcut = self._make_layer(block, planes, n, stride)
             blocks.append(nn.ModuleList(segment))
             ds.append(shortcut)
@@ -151,7 +151,7 @@ class FlatResNet224(FlatResNet):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.avgpool = nn.AvgPool2d(7)
         blocks, ds = [], []
-        for planes, n, stride in zip([64, 128, 256, 512], layers, [1, 2, 2, 2]):
+        for planes, n, stride in zip([64, 128, 256, 512], layers, [1, 2, 2, 2], strict=True):
             segment, shortcut = self._make_layer(block, planes, n, stride)
             blocks.append(nn.ModuleList(segment))
             ds.append(shortcut)

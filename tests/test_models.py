@@ -31,8 +31,17 @@ def r18():
 
 
 def test_model_table_has_the_original_names_and_block_counts():
-    expected = {"R32_C10": 15, "R110_C10": 54, "R32_C100": 15, "R110_C100": 54, "R101_ImgNet": 33,
-                "R20_FMNIST": 9, "R32_FMNIST": 15, "R110_FMNIST": 54, "R20_C10": 9}
+    expected = {
+        "R32_C10": 15,
+        "R110_C10": 54,
+        "R32_C100": 15,
+        "R110_C100": 54,
+        "R101_ImgNet": 33,
+        "R20_FMNIST": 9,
+        "R32_FMNIST": 15,
+        "R110_FMNIST": 54,
+        "R20_C10": 9,
+    }
     for name, k in expected.items():
         assert utils.model_spec(name).num_blocks == k
     assert utils.model_spec("R110_C100").num_classes == 100
@@ -118,7 +127,7 @@ def test_sparse_forward_gradients_match_masked_form():
         net.zero_grad()
         fn(x, policy).square().sum().backward()
         grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
 
 
@@ -141,7 +150,11 @@ def original_layout(state, imagenet):
 
 @pytest.mark.parametrize("imagenet", [False, True])
 def test_strict_loading_of_the_original_layout(imagenet):
-    make = (lambda: FlatResNet224(Bottleneck, [1, 1, 1, 1], 1000)) if imagenet else (lambda: FlatResNet32(BasicBlock, [2, 2, 2], 10))
+    make = (
+        (lambda: FlatResNet224(Bottleneck, [1, 1, 1, 1], 1000))
+        if imagenet
+        else (lambda: FlatResNet32(BasicBlock, [2, 2, 2], 10))
+    )
     source, target = randomize_bn(make()), make().eval()
     ckpt = {"state_dict": original_layout(source.state_dict(), imagenet), "epoch": 3}
     utils.load_weights_to_flatresnet(ckpt, target)
@@ -155,7 +168,9 @@ def test_loading_weights_of_another_depth_is_a_clear_error():
     with pytest.raises(utils.UserError, match=r"blocks \[2, 2, 2\].*blocks \[3, 3, 3\]"):
         utils.load_weights_to_flatresnet(src, FlatResNet32(BasicBlock, [3, 3, 3], 10))
     with pytest.raises(utils.UserError, match="100 classes"):
-        utils.load_weights_to_flatresnet(FlatResNet32(BasicBlock, [3, 3, 3], 100), FlatResNet32(BasicBlock, [3, 3, 3], 10))
+        utils.load_weights_to_flatresnet(
+            FlatResNet32(BasicBlock, [3, 3, 3], 100), FlatResNet32(BasicBlock, [3, 3, 3], 10)
+        )
 
 
 def test_policy_parameter_names_and_legacy_keys():
@@ -176,8 +191,16 @@ def test_policy_parameter_names_and_legacy_keys():
 
 def test_resnet_parameter_names():
     keys = set(utils.build_model("R101_ImgNet")[0].state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "blocks.2.22.conv3.weight", "blocks.3.2.bn3.bias",
-            "ds.0.0.weight", "ds.3.1.running_var", "fc.weight", "fc.bias"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_mean",
+        "blocks.2.22.conv3.weight",
+        "blocks.3.2.bn3.bias",
+        "ds.0.0.weight",
+        "ds.3.1.running_var",
+        "fc.weight",
+        "fc.bias",
+    } <= keys
     keys = set(utils.build_model("R110_C10")[0].state_dict())
     assert "blocks.2.17.conv2.weight" in keys and not any(k.startswith("ds.") for k in keys)
 

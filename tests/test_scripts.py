@@ -20,7 +20,9 @@ def run(script, *args, cwd):
 
 
 def checkpoints(folder):
-    return sorted((f for f in os.listdir(folder) if re.fullmatch(CKPT, f)), key=lambda f: int(re.match(CKPT, f).group(1)))
+    return sorted(
+        (f for f in os.listdir(folder) if re.fullmatch(CKPT, f)), key=lambda f: int(re.match(CKPT, f).group(1))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,20 @@ def test_pretrain(pretrained, workdir):
 
 @pytest.fixture(scope="module")
 def curriculum(pretrained, workdir):
-    result = run("cl_training.py", "--model", "R20_C10", "--dummy", 48, "--batch_size", 16, "--max_epochs", 2,
-                 "--cv_dir", "cv/cl", cwd=workdir)
+    result = run(
+        "cl_training.py",
+        "--model",
+        "R20_C10",
+        "--dummy",
+        48,
+        "--batch_size",
+        16,
+        "--max_epochs",
+        2,
+        "--cv_dir",
+        "cv/cl",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -79,8 +93,22 @@ def test_cl_training(curriculum, workdir):
 
 def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
     last = checkpoints(workdir / "cv/cl")[-1]
-    result = run("cl_training.py", "--model", "R20_C10", "--dummy", 48, "--batch_size", 16, "--max_epochs", 0,
-                 "--cv_dir", "cv/cl", "--load", f"cv/cl/{last}", cwd=workdir)
+    result = run(
+        "cl_training.py",
+        "--model",
+        "R20_C10",
+        "--dummy",
+        48,
+        "--batch_size",
+        16,
+        "--max_epochs",
+        0,
+        "--cv_dir",
+        "cv/cl",
+        "--load",
+        f"cv/cl/{last}",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("E: 3 |")
     assert int(re.match(CKPT, checkpoints(workdir / "cv/cl")[-1]).group(1)) == 3
@@ -89,8 +117,22 @@ def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
 @pytest.fixture(scope="module")
 def finetuned(curriculum, workdir):
     cl = checkpoints(workdir / "cv/cl")[-1]
-    result = run("finetune.py", "--model", "R20_C10", "--dummy", 48, "--batch_size", 16, "--max_epochs", 1,
-                 "--cv_dir", "cv/ft", "--pretrained", f"cv/cl/{cl}", cwd=workdir)
+    result = run(
+        "finetune.py",
+        "--model",
+        "R20_C10",
+        "--dummy",
+        48,
+        "--batch_size",
+        16,
+        "--max_epochs",
+        1,
+        "--cv_dir",
+        "cv/ft",
+        "--pretrained",
+        f"cv/cl/{cl}",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -127,7 +169,10 @@ def test_test_py_full_network_profile(tmp_path):
     (tmp_path / "data").mkdir()
     result = run("test.py", "--model", "R110_C10", "--dummy", 8, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:3] == ["Block Usage: 54.000 \u00b1 0.000", "FLOPs/img: 5.30E+08 \u00b1 0.00E+00"]
+    assert result.stdout.splitlines()[1:3] == [
+        "Block Usage: 54.000 \u00b1 0.000",
+        "FLOPs/img: 5.30E+08 \u00b1 0.00E+00",
+    ]
     assert "random weights" in result.stderr  # no pretrained file here, and it says so
 
 
@@ -140,7 +185,9 @@ def assert_one_line_error(result, text):
 def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
     out = workdir / "cv/untouched"
     common = ["--model", "R20_C10", "--dummy", 16, "--cv_dir", out]
-    assert_one_line_error(run("cl_training.py", *common, "--load", "cv/none.t7", cwd=workdir), "cv/none.t7 does not exist")
+    assert_one_line_error(
+        run("cl_training.py", *common, "--load", "cv/none.t7", cwd=workdir), "cv/none.t7 does not exist"
+    )
     other = f"cv/cl/{checkpoints(workdir / 'cv/cl')[-1]}"
     assert_one_line_error(
         run("cl_training.py", "--model", "R32_C10", "--dummy", 16, "--cv_dir", out, "--load", other, cwd=workdir),
@@ -152,10 +199,14 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
         "data directory nowhere/ does not exist",
     )
     assert_one_line_error(run("cl_training.py", *common, "--parallel", cwd=workdir), "--parallel is not implemented")
-    assert_one_line_error(run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir), "positive integer")
+    assert_one_line_error(
+        run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir), "positive integer"
+    )
     assert_one_line_error(run("pretrain.py", "--model", "R20_C10", "--epochs", -2, cwd=workdir), "positive integer")
     (workdir / "garbage.t7").write_bytes(b"not a checkpoint")
-    assert_one_line_error(run("test.py", "--model", "R20_C10", "--dummy", 4, "--load", "garbage.t7", cwd=workdir), "corrupt")
+    assert_one_line_error(
+        run("test.py", "--model", "R20_C10", "--dummy", 4, "--load", "garbage.t7", cwd=workdir), "corrupt"
+    )
     assert not out.exists()
 
 

@@ -60,14 +60,16 @@ def test_checkpoint_round_trip_and_name(tmp_path):
     stats = (0.9361, 0.1949, 16.933, 3.7, {"1", "0", "2"})
     path = utils.checkpoint_path(tmp_path / "run", 2000, stats)
     assert path.name == "ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_3.t7"
-    utils.save_checkpoint({"agent": agent.state_dict(), "resnet": rnet.state_dict(), "epoch": 2000,
-                           "reward": stats[1], "acc": stats[0]}, path)
+    utils.save_checkpoint(
+        {"agent": agent.state_dict(), "resnet": rnet.state_dict(), "epoch": 2000, "reward": stats[1], "acc": stats[0]},
+        path,
+    )
     assert os.listdir(tmp_path / "run") == [path.name]  # no temporary file left
     rnet2, agent2 = utils.build_model("R20_FMNIST")
     ckpt = utils.load_checkpoint(rnet2, agent2, path)
     assert ckpt["epoch"] == 2000 and ckpt["acc"] == pytest.approx(0.9361)
     for a, b in ((rnet, rnet2), (agent, agent2)):
-        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
+        for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(v, v2)
 
 
@@ -77,8 +79,11 @@ def test_legacy_checkpoint_with_net_key_tensors_and_module_prefix(tmp_path):
     state["module.features.fc.weight"] = torch.zeros(10, 64)
     state["module.features.fc.bias"] = torch.zeros(10)
     path = tmp_path / "old.t7"
-    torch.save({"net": state, "epoch": torch.tensor(5300), "reward": torch.tensor(0.222), "acc": torch.tensor(0.754)},
-               path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {"net": state, "epoch": torch.tensor(5300), "reward": torch.tensor(0.222), "acc": torch.tensor(0.754)},
+        path,
+        _use_new_zipfile_serialization=False,
+    )
     rnet2, agent2 = utils.build_model("R32_C10")
     ckpt = utils.load_checkpoint(rnet2, agent2, path)
     assert ckpt["epoch"] == 5300 and isinstance(ckpt["acc"], float)
@@ -106,11 +111,16 @@ class Payload:
 
 def test_unsafe_truncated_and_missing_files_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for protocol in (2, 4):
+        with open("evil.t7", "wb") as f:
+            pickle.dump({"agent": Payload()}, f, protocol=protocol)
+        with pytest.raises(utils.UserError, match="refused|cannot be read"):
+            utils.load_file("evil.t7")
+        assert not os.path.exists("PWNED")
     with open("evil.t7", "wb") as f:
-        pickle.dump({"agent": Payload()}, f)
-    with pytest.raises(utils.UserError, match="refused"):
+        pickle.dump({"agent": Payload()}, f, protocol=2)
+    with pytest.raises(utils.UserError, match=r"refused to load evil.t7: .*posix.system"):
         utils.load_file("evil.t7")
-    assert not os.path.exists("PWNED")
     _, agent = utils.build_model("R20_C10")
     buf = io.BytesIO()
     torch.save({"agent": agent.state_dict()}, buf)
@@ -134,8 +144,18 @@ def test_base_model_file_in_the_released_format_is_found(tmp_path, monkeypatch):
         state["module." + k] = v
     path = tmp_path / "cv/pretrained/R32_C10/pk_E_164_A_0.923.t7"
     path.parent.mkdir(parents=True)
-    torch.save({"args": argparse.Namespace(depth=32), "state_dict": state, "epoch": 163, "arch": "resnet",
-                "best_err1": 7.7, "best_epoch": 160}, path, _use_new_zipfile_serialization=False)
+    torch.save(
+        {
+            "args": argparse.Namespace(depth=32),
+            "state_dict": state,
+            "epoch": 163,
+            "arch": "resnet",
+            "best_err1": 7.7,
+            "best_epoch": 160,
+        },
+        path,
+        _use_new_zipfile_serialization=False,
+    )
     rnet, _ = utils.get_model("R32_C10")
     assert torch.equal(rnet.fc.weight, src.fc.weight)
     assert utils.find_pretrained("R32_C10") == utils.Path("cv/pretrained/R32_C10/pk_E_164_A_0.923.t7")
