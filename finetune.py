@@ -71,7 +71,7 @@ def main(args):
     utils.check_parallel(args)
     device = utils.get_device(args.device)
     utils.set_seed(args.seed)
-    rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy)
+    rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, init_agent=args.pretrained is None)
     if args.pretrained is not None and args.load is None:
         utils.load_agent(agent, args.pretrained, rnet.num_blocks)
     start_epoch = ckpt.get("epoch", -1) + 1
