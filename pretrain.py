@@ -29,6 +29,13 @@ def get_args_parser():
         help="cosine: warm-up then cosine decay per step; step: x0.1 at 50%% and 75%% of the epochs",
     )
     p.add_argument("--warmup", type=utils.non_negative_float, default=0.5, help="warm-up epochs (cosine schedule)")
+    p.add_argument(
+        "--drop_rate",
+        type=utils.drop_probability,
+        default=0.0,
+        help="stochastic depth: each training image skips each block with this probability, "
+        "so that the base network tolerates dropped blocks (0: off)",
+    )
     p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
     p.add_argument("--load", default=None, help="pretraining checkpoint to resume from")
     return p
@@ -96,7 +103,11 @@ def main(args):
         loss_sum = correct = seen = 0
         for inputs, targets in tqdm(trainloader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True):
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            logits = rnet.forward_full(inputs)
+            if args.drop_rate > 0:
+                keep = torch.rand(len(inputs), rnet.num_blocks, device=device) >= args.drop_rate  # (B, K)
+                logits = rnet(inputs, keep.float())
+            else:
+                logits = rnet.forward_full(inputs)
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -671,6 +671,7 @@ non_negative_int = _typed(lambda v: v >= 0, int, "a non-negative integer")
 positive_float = _typed(lambda v: v > 0, float, "a positive number")
 non_negative_float = _typed(lambda v: v >= 0, float, "a non-negative number")
 probability = _typed(lambda v: 0.5 < v <= 1, float, "a number in (0.5, 1]")
+drop_probability = _typed(lambda v: 0 <= v < 1, float, "a number in [0, 1)")
 
 
 def model_name(text: str) -> str:

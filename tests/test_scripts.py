@@ -54,6 +54,16 @@ def test_pretrain(pretrained, workdir):
     assert ckpt["epoch"] == 2 and ckpt["model"] == "R20_C10"
 
 
+def test_pretrain_with_stochastic_depth(tmp_path):
+    (tmp_path / "data").mkdir()
+    args = ["--model", "R20_C10", "--dummy", 16, "--epochs", 1, "--batch_size", 8, "--cv_dir", "out"]
+    result = run("pretrain.py", *args, "--drop_rate", 0.5, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("E: 1 | loss: ")
+    assert json.loads((tmp_path / "out/args.json").read_text())["args"]["drop_rate"] == 0.5
+    assert_one_line_error(run("pretrain.py", *args, "--drop_rate", 1, cwd=tmp_path), "must be a number in [0, 1)")
+
+
 @pytest.fixture(scope="module")
 def curriculum(pretrained, workdir):
     result = run(
