@@ -21,7 +21,7 @@ echo "== 2/4 curriculum learning of the policy (ResNet frozen)"
 cl=$(ls -t "$OUT"/cl/ckpt_E_*.t7 | head -n 1)
 
 echo "== 3/4 joint finetuning of policy and ResNet"
-"$PYTHON" finetune.py "${FLAGS[@]}" --subset 5120 --max_epochs 9 --penalty -5 --pretrained "$cl" --cv_dir "$OUT/ft/"
+"$PYTHON" finetune.py "${FLAGS[@]}" --subset 5120 --max_epochs 19 --penalty -5 --pretrained "$cl" --cv_dir "$OUT/ft/"
 ft=$(ls -t "$OUT"/ft/ckpt_E_*.t7 | head -n 1)
 
 echo "== 4/4 test.py: the full base network, then the finetuned BlockDrop model ($ft)"
