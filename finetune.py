@@ -17,7 +17,11 @@ def get_args_parser():
     p.add_argument("--lr", type=utils.positive_float, default=1e-4, help="learning rate")
     p.add_argument("--wd", type=utils.non_negative_float, default=0.0, help="weight decay")
     p.add_argument("--load", default=None, help="checkpoint to resume from (ResNet, agent and epoch)")
-    p.add_argument("--pretrained", default=None, help="curriculum-learning checkpoint to start the agent from")
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="curriculum-learning checkpoint to start the agent from (ignored with --load)",
+    )
     p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
     p.add_argument("--epoch_step", type=utils.positive_int, default=1600, help="epochs between learning-rate decays")
@@ -72,6 +76,8 @@ def main(args):
     device = utils.get_device(args.device)
     utils.set_seed(args.seed)
     rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, init_agent=args.pretrained is None)
+    if args.load is not None and "resnet" not in ckpt:
+        raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
     if args.pretrained is not None and args.load is None:
         utils.load_agent(agent, args.pretrained, rnet.num_blocks)
     start_epoch = ckpt.get("epoch", -1) + 1

@@ -90,14 +90,15 @@ def main(args):
         rnet.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, len(trainloader)))
-    if "optimizer" in ckpt:
+    start_epoch = 0
+    if "optimizer" in ckpt:  # a pretrain.py file: resume; other files only give initial weights
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-    start_epoch = int(ckpt.get("epoch", 0))
+        start_epoch = int(ckpt["epoch"])
 
     utils.write_run_info(cv_dir, args)
     writer = SummaryWriter(f"{cv_dir.rstrip('/')}/log")
-    previous = utils.Path(args.load) if args.load else None
+    previous = None  # the file this run wrote last; never the --load file
     for epoch in range(start_epoch + 1, args.epochs + 1):
         rnet.train()
         loss_sum = correct = seen = 0
@@ -132,7 +133,7 @@ def main(args):
         path = utils.Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
         utils.save_checkpoint(state, path)
         # Keep only the newest file of this run, so get_model finds one unambiguous base model.
-        if previous is not None and previous != path and previous.parent == path.parent and previous.is_file():
+        if previous is not None and previous != path and previous.is_file():
             previous.unlink()
         previous = path
     writer.close()

@@ -450,9 +450,10 @@ def _cifar(dset: str, root: str, transform_train, transform_test):
 def get_dataset(model: str, root: str = "data/"):
     """Train and test sets for a model name, with the model's transforms."""
     spec = model_spec(model)
-    if not os.path.isdir(root):
-        raise UserError(f"data directory {root} does not exist")
     transform_train, transform_test = get_transforms(spec.name, spec.dataset)
+    installed = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
+    if not os.path.isdir(root) and not (spec.dataset == "FMNIST" and installed):
+        raise UserError(f"data directory {root} does not exist")
     if spec.dataset == "FMNIST":
         return _fashion_mnist(root, transform_train, transform_test)
     if spec.dataset == "ImgNet":
@@ -463,7 +464,10 @@ def get_dataset(model: str, root: str = "data/"):
                 raise UserError(
                     f"ImageNet folder {folder} does not exist: --data_dir must hold train/ and val/ class folders"
                 )
-            sets.append(torchvision.datasets.ImageFolder(folder, transform))
+            try:
+                sets.append(torchvision.datasets.ImageFolder(folder, transform))
+            except (FileNotFoundError, OSError) as e:
+                raise UserError(f"ImageNet folder {folder} holds no class folders with images ({e})") from None
         return tuple(sets)
     return _cifar(spec.dataset, root, transform_train, transform_test)
 
@@ -718,6 +722,8 @@ def get_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
@@ -739,7 +745,12 @@ def check_parallel(args) -> None:
 def write_run_info(cv_dir: str | os.PathLike, args) -> None:
     """Record the arguments, the command line and library versions in ``<cv_dir>/args.json``."""
     cv_dir = Path(cv_dir)
-    cv_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cv_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {cv_dir} ({e.strerror})") from None
+    if not os.access(cv_dir, os.W_OK):
+        raise UserError(f"the output folder {cv_dir} is not writable")
     info = {
         "args": vars(args),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),

@@ -210,6 +210,14 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
     )
     assert_one_line_error(run("cl_training.py", *common, "--parallel", cwd=workdir), "--parallel is not implemented")
     assert_one_line_error(
+        run("finetune.py", *common, "--load", other, cwd=workdir), "has no 'resnet': to start from a curriculum"
+    )
+    (workdir / "a_file").write_text("")
+    assert_one_line_error(
+        run("cl_training.py", *common[:4], "--max_epochs", 0, "--cv_dir", "a_file/run", cwd=workdir),
+        "cannot create the output folder a_file/run",
+    )
+    assert_one_line_error(
         run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir), "positive integer"
     )
     assert_one_line_error(run("pretrain.py", "--model", "R20_C10", "--epochs", -2, cwd=workdir), "positive integer")

@@ -213,6 +213,10 @@ def test_missing_data_is_a_clear_error(tmp_path):
         utils.get_dataset("R110_C10", str(tmp_path / "absent"))
     with pytest.raises(utils.UserError, match="train/ and val/"):
         utils.get_dataset("R101_ImgNet", str(tmp_path))
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    with pytest.raises(utils.UserError, match="holds no class folders"):
+        utils.get_dataset("R101_ImgNet", str(tmp_path))
 
 
 def test_batched_evaluation_equals_one_image_at_a_time():
