@@ -413,6 +413,11 @@ class IdxImages(Dataset):
         return (self.transform(img) if self.transform else img), int(self.targets[i])
 
 
+def _require_dir(root: str) -> None:
+    if not os.path.isdir(root):
+        raise UserError(f"data directory {root} does not exist")
+
+
 def _fashion_mnist(root: str, transform_train, transform_test):
     for folder in (FASHION_MNIST_DIR, Path(root) / "fashion-mnist"):
         files = {
@@ -423,6 +428,7 @@ def _fashion_mnist(root: str, transform_train, transform_test):
             train = IdxImages(files["train-images"], files["train-labels"], transform_train)
             test = IdxImages(files["t10k-images"], files["t10k-labels"], transform_test)
             return train, test
+    _require_dir(root)
     try:
         train = torchvision.datasets.FashionMNIST(root, train=True, download=True, transform=transform_train)
         test = torchvision.datasets.FashionMNIST(root, train=False, download=True, transform=transform_test)
@@ -451,11 +457,9 @@ def get_dataset(model: str, root: str = "data/"):
     """Train and test sets for a model name, with the model's transforms."""
     spec = model_spec(model)
     transform_train, transform_test = get_transforms(spec.name, spec.dataset)
-    installed = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
-    if not os.path.isdir(root) and not (spec.dataset == "FMNIST" and installed):
-        raise UserError(f"data directory {root} does not exist")
-    if spec.dataset == "FMNIST":
+    if spec.dataset == "FMNIST":  # Debian's files need no data directory
         return _fashion_mnist(root, transform_train, transform_test)
+    _require_dir(root)
     if spec.dataset == "ImgNet":
         sets = []
         for split, transform in (("train", transform_train), ("val", transform_test)):

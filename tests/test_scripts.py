@@ -11,6 +11,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATS = r"A: \d\.\d{3} \| R: -?\d\.\d{2}E[+-]\d{2} \| S: \d+\.\d{3} \| V: \d+\.\d{3} \| #: \d+"
+FAKE = ["--model", "R20_C10", "--dummy", 48, "--batch_size", 16]  # a tiny fake-data run
 CKPT = r"ckpt_E_(\d+)_A_\d\.\d{3}_R_-?\d\.\d{2}E[+-]\d{2}_S_\d+\.\d{2}_#_\d+\.t7"
 
 
@@ -66,20 +67,7 @@ def test_pretrain_with_stochastic_depth(tmp_path):
 
 @pytest.fixture(scope="module")
 def curriculum(pretrained, workdir):
-    result = run(
-        "cl_training.py",
-        "--model",
-        "R20_C10",
-        "--dummy",
-        48,
-        "--batch_size",
-        16,
-        "--max_epochs",
-        2,
-        "--cv_dir",
-        "cv/cl",
-        cwd=workdir,
-    )
+    result = run("cl_training.py", *FAKE, "--max_epochs", 2, "--cv_dir", "cv/cl", cwd=workdir)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -104,20 +92,7 @@ def test_cl_training(curriculum, workdir):
 def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
     last = checkpoints(workdir / "cv/cl")[-1]
     result = run(
-        "cl_training.py",
-        "--model",
-        "R20_C10",
-        "--dummy",
-        48,
-        "--batch_size",
-        16,
-        "--max_epochs",
-        0,
-        "--cv_dir",
-        "cv/cl",
-        "--load",
-        f"cv/cl/{last}",
-        cwd=workdir,
+        "cl_training.py", *FAKE, "--max_epochs", 0, "--cv_dir", "cv/cl", "--load", f"cv/cl/{last}", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("E: 3 |")
@@ -128,20 +103,7 @@ def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
 def finetuned(curriculum, workdir):
     cl = checkpoints(workdir / "cv/cl")[-1]
     result = run(
-        "finetune.py",
-        "--model",
-        "R20_C10",
-        "--dummy",
-        48,
-        "--batch_size",
-        16,
-        "--max_epochs",
-        1,
-        "--cv_dir",
-        "cv/ft",
-        "--pretrained",
-        f"cv/cl/{cl}",
-        cwd=workdir,
+        "finetune.py", *FAKE, "--max_epochs", 1, "--cv_dir", "cv/ft", "--pretrained", f"cv/cl/{cl}", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
     return result
