@@ -140,7 +140,7 @@ def _torchvision_weights(arch: str) -> dict[str, torch.Tensor]:
     """ImageNet weights of a torchvision ResNet (downloaded into torch's hub cache once)."""
     weights = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     try:
-        return weights.get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:
         raise UserError(
             f"could not download torchvision's {arch} ImageNet weights ({type(e).__name__}); "
@@ -191,19 +191,19 @@ def load_file(path: str | os.PathLike) -> dict:
     try:
         # Namespace is the only non-tensor class in the released files (the base models' args).
         with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            # torch warns that encoding= needs weights_only=False, yet passes it on for legacy files.
+            # torch warns that encoding= does not apply with weights_only=True, yet it uses it for legacy files.
             warnings.filterwarnings("ignore", message="pickle_load_args only works")
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused or read: we say which
             obj = torch.load(path, map_location="cpu", weights_only=True, encoding="latin1")
     except PermissionError:
         raise UserError(f"checkpoint {path} is not readable") from None
     except Exception as e:
         text = str(e).strip()
-        # torch wraps the unpickler's reason in a long generic paragraph: keep only the reason.
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        specific = [
-            line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))
-        ]
-        reason = (specific or lines or [type(e).__name__])[0]
+        # torch wraps the unpickler's reason in generic paragraphs: keep the first sentence of the reason.
+        boilerplate = ("Weights only load failed", "(1)", "(2)", "Please file an issue", "Check the documentation")
+        lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in text.splitlines()]
+        lines = [line for line in lines if line and not line.startswith(boilerplate)]
+        reason = lines[0].split(". ")[0].rstrip(".") if lines else type(e).__name__
         if re.search(r"global", text, re.IGNORECASE):
             raise UserError(
                 f"refused to load {path}: it would import code, not only tensors and numbers ({reason})"

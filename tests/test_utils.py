@@ -1,9 +1,7 @@
 """Rewards, curriculum, statistics, checkpoints, data and argument checks."""
 
 import gzip
-import io
 import os
-import pickle
 import subprocess
 import sys
 
@@ -73,23 +71,6 @@ def test_checkpoint_round_trip_and_name(tmp_path):
             assert k == k2 and torch.equal(v, v2)
 
 
-def test_legacy_checkpoint_with_net_key_tensors_and_module_prefix(tmp_path):
-    _, agent = utils.build_model("R32_C10")
-    state = {f"module.{k}": v for k, v in agent.state_dict().items()}
-    state["module.features.fc.weight"] = torch.zeros(10, 64)
-    state["module.features.fc.bias"] = torch.zeros(10)
-    path = tmp_path / "old.t7"
-    torch.save(
-        {"net": state, "epoch": torch.tensor(5300), "reward": torch.tensor(0.222), "acc": torch.tensor(0.754)},
-        path,
-        _use_new_zipfile_serialization=False,
-    )
-    rnet2, agent2 = utils.build_model("R32_C10")
-    ckpt = utils.load_checkpoint(rnet2, agent2, path)
-    assert ckpt["epoch"] == 5300 and isinstance(ckpt["acc"], float)
-    assert torch.equal(agent2.logit.weight, agent.logit.weight)
-
-
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     rnet, agent = utils.build_model("R32_C10")
     path = tmp_path / "c.t7"
@@ -102,63 +83,6 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     utils.save_checkpoint({"agent": agent3.state_dict(), "resnet": rnet3.state_dict(), "epoch": 0}, path)
     with pytest.raises(utils.UserError, match="100 classes"):
         utils.load_checkpoint(*utils.build_model("R32_C10"), path)
-
-
-class Payload:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED",))
-
-
-def test_unsafe_truncated_and_missing_files_are_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for protocol in (2, 4):
-        with open("evil.t7", "wb") as f:
-            pickle.dump({"agent": Payload()}, f, protocol=protocol)
-        with pytest.raises(utils.UserError, match="refused|cannot be read"):
-            utils.load_file("evil.t7")
-        assert not os.path.exists("PWNED")
-    with open("evil.t7", "wb") as f:
-        pickle.dump({"agent": Payload()}, f, protocol=2)
-    with pytest.raises(utils.UserError, match=r"refused to load evil.t7: .*posix.system"):
-        utils.load_file("evil.t7")
-    _, agent = utils.build_model("R20_C10")
-    buf = io.BytesIO()
-    torch.save({"agent": agent.state_dict()}, buf)
-    (tmp_path / "cut.t7").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(utils.UserError, match="corrupt"):
-        utils.load_file("cut.t7")
-    with pytest.raises(utils.UserError, match="does not exist"):
-        utils.load_file("nope.t7")
-
-
-def test_base_model_file_in_the_released_format_is_found(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    import argparse
-
-    src, _ = utils.build_model("R32_C10")
-    state = {}
-    for k, v in src.state_dict().items():
-        if k.startswith("blocks."):
-            _, s, rest = k.split(".", 2)
-            k = f"layer{int(s) + 1}.{rest}"
-        state["module." + k] = v
-    path = tmp_path / "cv/pretrained/R32_C10/pk_E_164_A_0.923.t7"
-    path.parent.mkdir(parents=True)
-    torch.save(
-        {
-            "args": argparse.Namespace(depth=32),
-            "state_dict": state,
-            "epoch": 163,
-            "arch": "resnet",
-            "best_err1": 7.7,
-            "best_epoch": 160,
-        },
-        path,
-        _use_new_zipfile_serialization=False,
-    )
-    rnet, _ = utils.get_model("R32_C10")
-    assert torch.equal(rnet.fc.weight, src.fc.weight)
-    assert utils.find_pretrained("R32_C10") == utils.Path("cv/pretrained/R32_C10/pk_E_164_A_0.923.t7")
 
 
 def test_pretrained_lookup_takes_the_newest_file(tmp_path):

@@ -1,0 +1,302 @@
+"""download_checkpoints.py against archives served from files and from an HTTP server on 127.0.0.1."""
+
+import hashlib
+import http.server
+import io
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from legacy import save_py2_torch03, torch03_state_dict
+
+import download_checkpoints as dl
+import utils
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Server(http.server.BaseHTTPRequestHandler):
+    """Serves ``files`` with HTTP Range support; the first answer for a path in ``cut`` stops halfway."""
+
+    files: dict[str, tuple[bytes, str]] = {}
+    cut: set[str] = set()
+    requests: list[tuple[str, str | None]] = []
+
+    def do_GET(self):
+        self.requests.append((self.path, self.headers.get("Range")))
+        if self.path not in self.files:
+            self.send_error(404)
+            return
+        data, kind = self.files[self.path]
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match:
+            start = int(match.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if self.path in self.cut:
+            self.cut.discard(self.path)
+            body = body[: len(body) // 2]
+            self.close_connection = True
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Server.files, Server.cut, Server.requests = {}, set(), []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/blockdrop-checkpoints.tar.gz"
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def released_tarball(folder: Path) -> tuple[bytes, torch.nn.Module]:
+    """A small tarball laid out like the authors': a top-level cv/ with a base model and a BlockDrop run."""
+    rnet, agent = utils.build_model("R32_C10")
+    base = folder / "base.t7"
+    save_py2_torch03({"state_dict": torch03_state_dict(rnet.state_dict(), "module.", layer_names=True)}, base)
+    ckpt = folder / "ckpt.t7"
+    save_py2_torch03({"agent": torch03_state_dict(agent.state_dict()), "epoch": 5300, "reward": 0.2, "acc": 0.7}, ckpt)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("cv", "cv/pretrained", "cv/pretrained/R32_C10"):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+        add_file(tar, "cv/pretrained/R32_C10/pk_E_164_A_0.923.t7", base.read_bytes())
+        add_file(tar, "cv/cl_learning/R32_C10/ckpt_E_5300_A_0.700_R_2.00E-01_S_9.00_#_9.t7", ckpt.read_bytes())
+    return buf.getvalue(), rnet
+
+
+def download(*args, cwd: Path):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "download_checkpoints.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """download_checkpoints.py in this process (faster than a subprocess): exit code, stdout, stderr."""
+    try:
+        utils.run(dl.main, dl.get_args_parser(), [str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_downloads_from_the_first_url_that_serves_the_archive_verifies_and_unpacks(server, tmp_path):
+    data, rnet = released_tarball(tmp_path)
+    digest = hashlib.sha256(data).hexdigest()
+    Server.files["/page.html"] = (b"<html>moved</html>", "text/html")
+    Server.files["/ck.tar.gz"] = (data, "application/gzip")
+    urls = [closed_port_url(), f"{server}/gone.tar.gz", f"{server}/page.html", f"{server}/ck.tar.gz"]
+    result = download(*(f"--url={u}" for u in urls), "--sha256", digest.upper(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"sha256 {digest}  cv/blockdrop-checkpoints.tar.gz" in result.stdout
+    assert "unpacked 2 file(s) into cv" in result.stdout
+    assert "released base models in cv/pretrained: R32_C10" in result.stdout
+    assert (tmp_path / "cv/blockdrop-checkpoints.tar.gz").read_bytes() == data
+    assert not (tmp_path / "cv/blockdrop-checkpoints.tar.gz.part").exists()
+    assert sorted(p.name for p in (tmp_path / "cv").iterdir()) == [
+        "blockdrop-checkpoints.tar.gz",
+        "cl_learning",
+        "pretrained",
+    ]  # the top-level cv/ maps onto --dest, and no temporary folder is left
+    # What was unpacked is what get_model and load_checkpoint read.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        loaded, agent = utils.get_model("R32_C10")
+        ckpt = utils.load_checkpoint(loaded, agent, next(Path("cv/cl_learning/R32_C10").iterdir()))
+    assert torch.equal(loaded.fc.weight, rnet.fc.weight) and ckpt["epoch"] == 5300
+    # Run again: the archive is not downloaded again, nothing is rewritten.
+    Server.requests.clear()
+    again = download(f"--url={server}/ck.tar.gz", cwd=tmp_path)
+    assert again.returncode == 0 and Server.requests == []
+    assert "unpacked 0 file(s) into cv; 2 already there and identical" in again.stdout
+
+
+def test_a_partial_download_is_resumed(server, tmp_path):
+    data, _ = released_tarball(tmp_path)
+    Server.files["/ck.tar.gz"] = (data, "application/gzip")
+    archive = tmp_path / "dl/ck.tar.gz"
+    archive.parent.mkdir()
+    archive.with_name("ck.tar.gz.part").write_bytes(data[:1000])  # an earlier run was stopped
+    url = dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
+    assert url == f"{server}/ck.tar.gz"
+    assert Server.requests == [("/ck.tar.gz", "bytes=1000-")]
+    assert archive.read_bytes() == data and not archive.with_name("ck.tar.gz.part").exists()
+    # A transfer that stops midway is resumed where it stopped, in the same run.
+    Server.requests.clear()
+    Server.cut.add("/ck.tar.gz")
+    archive.unlink()
+    dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
+    assert archive.read_bytes() == data
+    assert Server.requests == [("/ck.tar.gz", None), ("/ck.tar.gz", f"bytes={len(data) // 2}-")]
+    # A complete .part (the move into place was interrupted) is recognised by the server's 416.
+    archive.rename(archive.with_name("ck.tar.gz.part"))
+    dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
+    assert archive.read_bytes() == data
+
+
+def test_a_wrong_digest_unpacks_nothing(tmp_path):
+    data, _ = released_tarball(tmp_path)
+    (tmp_path / "served.tar.gz").write_bytes(data)
+    result = download(
+        f"--url={(tmp_path / 'served.tar.gz').as_uri()}", "--sha256", "0" * 64, "--dest", "out", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert f"has SHA-256 {hashlib.sha256(data).hexdigest()}, not the expected {'0' * 64}" in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert (tmp_path / "cv/blockdrop-checkpoints.tar.gz").read_bytes() == data  # kept: the digest is printed
+
+
+def test_no_network_is_one_line_and_exit_code_2(tmp_path):
+    result = download(f"--url={closed_port_url()}", "--url", "https://blockdrop.invalid/ck.tar.gz", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not download blockdrop-checkpoints.tar.gz" in lines[0]
+    assert "blockdrop.invalid" in lines[0] and "--archive FILE" in lines[0]
+    assert list(tmp_path.iterdir()) == []  # not even an empty cv/
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda tar: add_file(tar, "cv/../../escaped.txt", b"x"), "outside the destination"),
+        (lambda tar: add_file(tar, "../escaped.txt", b"x"), "outside the destination"),
+        (lambda tar: add_file(tar, "/tmp/escaped.txt", b"x"), "absolute path"),
+        (lambda tar: tar.addfile(link("cv/etc", "/etc")), "absolute"),
+        (lambda tar: tar.addfile(link("cv/up", "../../..")), "outside the destination"),
+        (lambda tar: tar.addfile(link("cv/hard", "/etc/passwd", tarfile.LNKTYPE)), "'cv/hard' links to an absolute"),
+        (lambda tar: tar.addfile(link("cv/hard", "cv/../../x", tarfile.LNKTYPE)), "outside the destination"),
+        (lambda tar: tar.addfile(device("cv/null")), "special file"),
+    ],
+    ids=[
+        "dotdot-under-cv",
+        "dotdot",
+        "absolute",
+        "symlink-absolute",
+        "symlink-up",
+        "hardlink",
+        "hardlink-up",
+        "device",
+    ],
+)
+def test_members_that_would_land_outside_dest_are_refused(make, message, tmp_path, monkeypatch, capsys):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        add_file(tar, "cv/pretrained/good.t7", b"fine")  # a harmless member first: not unpacked either
+        make(tar)
+    archive = tmp_path / "evil.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    dest = tmp_path / "a/b/cv"
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "--archive", archive, "--dest", dest)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "refused: member" in err and message in err and "nothing was unpacked" in err
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]
+
+
+def link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def device(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.CHRTYPE
+    info.devmajor, info.devminor = 1, 3
+    return info
+
+
+def test_existing_files_are_not_overwritten_without_overwrite(tmp_path, monkeypatch, capsys):
+    data, _ = released_tarball(tmp_path)
+    archive = tmp_path / "ck.tar.gz"
+    archive.write_bytes(data)
+    mine = tmp_path / "cv/pretrained/R32_C10/pk_E_164_A_0.923.t7"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"my own model")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "--archive", archive)
+    assert code == 2
+    assert "1 file(s) in cv differ from the archive's (first: cv/pretrained/R32_C10/pk_E_164_A_0.923.t7)" in err
+    assert mine.read_bytes() == b"my own model" and not (tmp_path / "cv/cl_learning").exists()
+    code, out, err = run_main(capsys, "--archive", archive, "--overwrite")
+    assert code == 0, err
+    assert "unpacked 2 file(s) into cv" in out
+    assert utils.load_file(mine)["state_dict"]  # the archive's file, readable
+
+
+def test_links_inside_the_archive_are_kept(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        add_file(tar, "cv/runs/a.t7", b"data")
+        tar.addfile(link("cv/runs/b.t7", "cv/runs/a.t7", tarfile.LNKTYPE))
+        tar.addfile(link("cv/runs/latest.t7", "a.t7"))
+    (tmp_path / "l.tar.gz").write_bytes(buf.getvalue())
+    assert dl.unpack(tmp_path / "l.tar.gz", tmp_path / "out", overwrite=False) == (3, 0)
+    runs = tmp_path / "out/runs"
+    assert [(p.name, p.is_symlink(), p.read_bytes()) for p in sorted(runs.iterdir())] == [
+        ("a.t7", False, b"data"),
+        ("b.t7", False, b"data"),
+        ("latest.t7", True, b"data"),
+    ]
+    assert os.listdir(tmp_path / "out") == ["runs"]
+    assert dl.unpack(tmp_path / "l.tar.gz", tmp_path / "out", overwrite=False) == (0, 3)
+
+
+def test_a_truncated_archive_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    data, _ = released_tarball(tmp_path)
+    (tmp_path / "ck.tar.gz").write_bytes(data[: len(data) // 2])
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "--archive", "ck.tar.gz")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "ck.tar.gz is not a complete tar.gz archive" in err
+    assert not any(p.is_file() for p in (tmp_path / "cv").rglob("*"))
