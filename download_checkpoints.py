@@ -13,11 +13,11 @@ skipped). The tarball's top-level ``cv/`` folder maps onto ``--dest``.
 """
 
 import argparse
-import filecmp
+import gzip
 import hashlib
+import http.client
 import os
 import re
-import shutil
 import sys
 import tarfile
 import tempfile
@@ -37,6 +37,7 @@ URLS = (
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ATTEMPTS = 3  # per URL, each resuming where the previous one stopped
+UserError = utils.UserError
 
 
 class Unavailable(Exception):
@@ -45,6 +46,10 @@ class Unavailable(Exception):
 
 class Interrupted(Exception):
     """The transfer stopped midway: what arrived is kept in the .part file."""
+
+
+class Restart(Exception):
+    """The partial file cannot be continued: start the download over."""
 
 
 def sha256_hex(text: str) -> str:
@@ -97,19 +102,20 @@ def _reason(e: BaseException) -> str:
 
 
 def _open(url: str, start: int, timeout: float):
-    """The server's answer for the bytes from ``start`` on; Unavailable if there is none."""
+    """The server's answer for the bytes from ``start`` on; None if the partial file is complete."""
     headers = {"User-Agent": "blockdrop-download"}
     if start:
         headers["Range"] = f"bytes={start}-"
     try:
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
-        if e.code == 416 and start:  # nothing after `start`: the partial file may be complete already
+        if e.code == 416 and start:  # nothing after `start`: complete, or longer than the server's file
             total = re.fullmatch(r"bytes \*/(\d+)", e.headers.get("Content-Range", "") or "")
             if total and int(total.group(1)) == start:
                 return None
+            raise Restart(f"the server's file is not {start} bytes or more") from None
         raise Unavailable(_reason(e)) from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         raise Unavailable(_reason(e)) from None
 
 
@@ -120,13 +126,17 @@ def fetch(url: str, part: Path, timeout: float) -> None:
     if response is None:
         return
     with response:
-        if start and getattr(response, "status", None) != 206:
+        if start and getattr(response, "status", None) == 206:
+            sent = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
+            if not sent or int(sent.group(1)) != start:
+                raise Restart("the server answered with another range")
+        else:
             start = 0  # the server sends the whole file: start over
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
         try:
-            first = response.read(CHUNK)
-        except OSError as e:
+            first = response.read(1 << 16)  # enough to tell a gzip file from an error page
+        except (OSError, http.client.HTTPException) as e:
             raise Unavailable(_reason(e)) from None
         if start == 0 and not first.startswith(GZIP_MAGIC):
             kind = response.headers.get("Content-Type") or "unknown type"
@@ -154,28 +164,59 @@ def fetch(url: str, part: Path, timeout: float) -> None:
                     f.write(chunk)
                     bar.update(len(chunk))
                     chunk = response.read(CHUNK)
-            except OSError as e:
+            except http.client.IncompleteRead as e:  # keep what did arrive
+                f.write(e.partial)
+                raise Interrupted(f"the connection closed after {f.tell()} bytes") from None
+            except (OSError, http.client.HTTPException) as e:
                 raise Interrupted(_reason(e)) from None
     size = part.stat().st_size
     if total is not None and size != total:
         raise Interrupted(f"got {size} of {total} bytes")
 
 
+def check_gzip(path: Path) -> None:
+    """Read the whole gzip stream: a truncated file is Interrupted, a corrupt one (CRC) needs a Restart."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(CHUNK):
+                pass
+    except EOFError:
+        raise Interrupted("the gzip stream ends early") from None
+    except (OSError, zlib.error) as e:
+        raise Restart(f"the downloaded bytes are corrupt ({_reason(e)})") from None
+
+
 def download(urls: list[str], archive: Path, timeout: float) -> str:
-    """Fetch the archive from the first URL that has it; returns that URL."""
+    """Fetch the archive from the first URL that has it; returns that URL.
+
+    A transfer that stops is resumed (``ATTEMPTS`` times per URL); a partial file that the server
+    cannot continue, or whose assembled bytes fail gzip's CRC check, is started over once.
+    """
     part = archive.with_name(archive.name + ".part")
     failures = []
     for url in urls:
-        for attempt in range(ATTEMPTS):
+        answered, restarted, stops = False, False, 0
+        while True:
             try:
                 fetch(url, part, timeout)
+                answered = True
+                check_gzip(part)
             except Unavailable as e:
-                if attempt == 0:
+                if not answered:
                     failures.append(f"{url}: {e}")
                     break
                 raise UserError(f"{url} stopped answering ({e}); {_kept(part)}") from None
+            except Restart as e:
+                if restarted:
+                    raise UserError(f"{url}: {e}, even after starting over") from None
+                print(f"{part}: {e}; starting over", file=sys.stderr, flush=True)
+                part.unlink(missing_ok=True)
+                restarted = True
+                continue
             except Interrupted as e:
-                if attempt + 1 < ATTEMPTS:
+                answered = True
+                stops += 1
+                if stops < ATTEMPTS:
                     print(f"transfer stopped ({e}); resuming", file=sys.stderr, flush=True)
                     continue
                 raise UserError(f"the download from {url} keeps stopping ({e}); {_kept(part)}") from None
@@ -204,27 +245,23 @@ def sha256_of(path: Path) -> str:
 # Unpacking
 
 
-def _parts(name: str) -> list[str]:
+def refused(member: tarfile.TarInfo, why: str) -> UserError:
+    return UserError(f"refused: member {member.name!r} {why}; nothing was unpacked")
+
+
+def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
     if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        raise UserError(f"refused: member {name!r} has an absolute path; nothing was unpacked")
+        raise refused(member, "has an absolute path" if name == member.name else f"links to the absolute {name!r}")
     return [p for p in PurePosixPath(name).parts if p != "."]
 
 
-def _relative_names(members: list[tarfile.TarInfo]) -> tuple[list[str], bool]:
-    """Member names relative to --dest, and whether a top-level ``cv/`` holding everything was dropped."""
-    names = [_parts(m.name) for m in members]
-    strip = bool(names) and all(parts and parts[0] == "cv" for parts in names)
-    return ["/".join(parts[int(strip) :]) for parts in names], strip
+def _prefixes(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _same_file(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> bool:
-    """Whether ``dest`` already holds this member, unchanged."""
-    target = dest / member.name
-    if member.islnk():  # a hard link: the same content as the member it names
-        linked = dest / member.linkname
-        return target.is_file() and linked.is_file() and filecmp.cmp(target, linked, shallow=False)
-    if member.isdir():
-        return target.is_dir() and not target.is_symlink()
+def _same_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> bool:
+    """Whether ``target`` already holds this file or link, unchanged."""
     if member.issym():
         return target.is_symlink() and os.readlink(target) == member.linkname
     if not target.is_file() or target.is_symlink() or target.stat().st_size != member.size:
@@ -236,36 +273,63 @@ def _same_file(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> boo
     return digest.hexdigest() == sha256_of(target)
 
 
-def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo], list[tarfile.TarInfo], list[Path]]:
-    """Check every member before anything is written.
+def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo], int, list[Path]]:
+    """Check every member against ``dest`` as it is, before anything is written.
 
-    Returns (members to write, renamed relative to ``dest``; members already there and identical;
-    existing files that differ). A member that would land outside ``dest`` is a UserError.
+    Returns (members to write, renamed relative to ``dest``, hard links turned into copies of the
+    file they name; the number of files already there and identical; existing files that differ).
+    Refused, as a UserError: members that tarfile's ``data`` filter refuses (outside ``dest``,
+    through a link of ``dest`` that leads out, links out, device files), absolute names, names
+    used twice, names under a link or a file of the archive itself (which the filter cannot see
+    before that link exists), and files where ``dest`` has a folder or folders where it has a file.
     """
     members = tar.getmembers()
-    names, strip = _relative_names(members)
-    todo, same, conflicts = [], [], []
-    for member, name in zip(members, names, strict=True):
+    parts = [_parts(m, m.name) for m in members]
+    strip = int(any(parts) and all(p[0] == "cv" for p in parts if p))  # the top-level cv/ maps onto dest
+    real_dest = os.path.realpath(dest)
+    by_name: dict[str, tarfile.TarInfo] = {}  # archive names, for hard links
+    not_dirs: set[str] = set()  # files and links of the archive: nothing may lie under them
+    under: set[str] = set()  # every folder that names pass through
+    todo, same, conflicts = [], 0, []
+    for member, p in zip(members, parts, strict=True):
+        by_name["/".join(p)] = member
+        name = "/".join(p[strip:])
         if not name:
-            continue  # the top-level cv/ folder itself
-        changes = {"name": name}
-        if member.islnk():  # a hard link names another member: rename its target alike
-            if member.linkname.startswith("/"):
-                raise UserError(f"refused: member {member.name!r} links to an absolute path; nothing was unpacked")
-            changes["linkname"] = "/".join(_parts(member.linkname)[int(strip) :])
+            continue  # the top-level folder itself
+        if name in not_dirs:
+            raise refused(member, "appears twice in the archive")
+        if name in under and not member.isdir():
+            raise refused(member, "is a file or link, and other members lie under it")
+        through = [d for d in _prefixes(name) if d in not_dirs]
+        if through:
+            raise refused(member, f"lies under {through[0]!r}, a file or link of the archive")
+        source = member
+        if member.islnk():  # unpacked as a copy of the file it names, which came earlier
+            source = by_name.get("/".join(_parts(member, member.linkname)))
+            if source is None or not source.isfile():
+                raise refused(member, f"is a hard link to {member.linkname!r}, which is not a file before it")
         try:
-            checked = tarfile.data_filter(member.replace(**changes, deep=False), str(dest))
+            checked = tarfile.data_filter(source.replace(name=name, deep=False), real_dest)
         except tarfile.FilterError as e:
-            raise UserError(f"refused: member {member.name!r}: {e}; nothing was unpacked") from None
+            raise refused(member, f"is unsafe: {e}") from None
         if checked is None:
             continue
-        target = dest / checked.name
+        under.update(_prefixes(name))
+        if not checked.isdir():
+            not_dirs.add(name)
+        blocked = [d for d in _prefixes(name) if os.path.lexists(dest / d) and not (dest / d).is_dir()]
+        if blocked:
+            raise refused(member, f"lies under {dest / blocked[0]}, which is a file")
+        target = dest / name
         if not os.path.lexists(target):
             todo.append(checked)
-        elif _same_file(tar, checked, dest):
-            same.append(checked)
-        elif checked.isdir() and target.is_dir():
-            same.append(checked)
+        elif checked.isdir() or (target.is_dir() and not target.is_symlink()):
+            if not (checked.isdir() and target.is_dir()):
+                kind = "folder" if checked.isdir() else "file"
+                raise refused(member, f"is a {kind}, and {target} is not (never replaced)")
+            todo.append(checked)  # an existing folder: nothing to replace
+        elif _same_file(tar, checked, target):
+            same += 1
         else:
             todo.append(checked)
             conflicts.append(target)
@@ -273,46 +337,45 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
 
 
 def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
-    """Unpack ``archive`` into ``dest``; returns (entries written, entries already there)."""
+    """Unpack ``archive`` into ``dest``; returns (files written, files already there and identical)."""
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {dest} ({e.strerror})") from None
     try:
-        tar = tarfile.open(archive, "r:*")
-        with tar:
+        with tarfile.open(archive, "r:*") as tar:
             todo, same, conflicts = plan_unpack(tar, dest)
             if conflicts and not overwrite:
                 raise UserError(
                     f"{len(conflicts)} file(s) in {dest} differ from the archive's (first: {conflicts[0]}); "
                     f"nothing was unpacked: move them away or pass --overwrite"
                 )
-            # Unpack next to the destination, then move each entry into place: a file in `dest`
-            # is either the old one or the complete new one, never half written.
+            # Unpack beside the destination, then move each file into place: a file in `dest` is
+            # the old one or the complete new one, never half written.
             with tempfile.TemporaryDirectory(dir=dest, prefix=".unpack-") as tmp:
                 tar.extractall(tmp, members=todo, filter="data")
+                real_dest = os.path.realpath(dest)
                 for member in todo:
                     target = dest / member.name
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
                         continue
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    if target.is_dir() and not target.is_symlink():
-                        shutil.rmtree(target)
+                    if os.path.commonpath([real_dest, os.path.realpath(target.parent)]) != real_dest:
+                        raise UserError(f"refused: {target} would land outside {dest}; stopped")  # checked above
                     os.replace(Path(tmp) / member.name, target)
+    except tarfile.ReadError:
+        raise UserError(f"{archive} is not a tar.gz archive: delete it and download it again") from None
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise UserError(
-            f"{archive} is not a complete tar.gz archive ({_reason(e)}); delete it to download it again"
+            f"{archive} is not a complete tar.gz archive ({_reason(e)}); delete it and download it again"
         ) from None
     except OSError as e:
-        raise UserError(f"cannot unpack into {dest} ({e.strerror or e})") from None
-    return sum(not m.isdir() for m in todo), sum(not m.isdir() for m in same)
+        raise UserError(f"cannot unpack into {dest}: {e.filename or ''} {e.strerror or e}") from None
+    return sum(not m.isdir() for m in todo), same
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-UserError = utils.UserError
 
 
 def main(args) -> None:
@@ -325,12 +388,7 @@ def main(args) -> None:
     elif archive.exists():
         raise UserError(f"--archive {archive} exists and is not a file")
     else:
-        part = archive.with_name(archive.name + ".part")
-        try:
-            url = download(args.url or list(URLS), archive, args.timeout)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; {_kept(part)}", file=sys.stderr)
-            sys.exit(130)
+        url = download(args.url or list(URLS), archive, args.timeout)
         print(f"downloaded {archive} from {url}", flush=True)
     digest = sha256_of(archive)
     print(f"sha256 {digest}  {archive}", flush=True)
@@ -348,5 +406,14 @@ def main(args) -> None:
         print(f"released base models in {dest / 'pretrained'}: {', '.join(found)}")
 
 
+def interruptible(args) -> None:
+    try:
+        main(args)
+    except KeyboardInterrupt:
+        part = Path(args.archive + ".part")
+        print(f"\ninterrupted{'; ' + _kept(part) if part.exists() else ''}", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    utils.run(main, get_args_parser())
+    utils.run(interruptible, get_args_parser())

@@ -108,25 +108,27 @@ def test_released_imagenet_base_model_in_torchvision_naming(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "model, key, number",
+    "model, key, number, prefix",
     [
-        ("R110_C10", "agent", float),  # finetuned: agent + resnet, plain floats
-        ("R110_C10", "net", torch.tensor),  # old curriculum file: agent under `net`, with features.fc.*
-        ("R32_C100", "agent", lambda v: torch.tensor([v])),  # 1-element tensors
-        ("R101_ImgNet", "net", torch.tensor),
+        ("R110_C10", "agent", float, ""),  # finetuned: agent + resnet, plain floats
+        ("R110_C10", "net", torch.tensor, ""),  # old curriculum file: agent under `net`, with features.fc.*
+        ("R32_C10", "net", torch.tensor, "module."),  # saved from DataParallel, epoch a tensor too
+        ("R32_C100", "agent", lambda v: torch.tensor([v]), "module."),  # 1-element tensors
+        ("R101_ImgNet", "net", torch.tensor, ""),
     ],
 )
-def test_blockdrop_checkpoints_in_every_released_shape(model, key, number, tmp_path):
+def test_blockdrop_checkpoints_in_every_released_shape(model, key, number, prefix, tmp_path):
     rnet_src, agent_src = (randomized(m) for m in utils.build_model(model))
-    agent_state = torch03_state_dict(agent_src.state_dict())
+    agent_state = torch03_state_dict(agent_src.state_dict(), prefix=prefix)
     if key == "net":
         fc_in = agent_src.features.blocks[-1][-1].bn2.num_features
-        agent_state["features.fc.weight"] = torch.randn(1000 if "ImgNet" in model else 10, fc_in)
-        agent_state["features.fc.bias"] = torch.randn(agent_state["features.fc.weight"].shape[0])
-    content = {key: agent_state, "epoch": 2000, "reward": number(0.195), "acc": number(0.936)}
+        agent_state[prefix + "features.fc.weight"] = torch.randn(1000 if "ImgNet" in model else 10, fc_in)
+        agent_state[prefix + "features.fc.bias"] = torch.randn(agent_state[prefix + "features.fc.weight"].shape[0])
+    epoch = torch.tensor(2000) if prefix else 2000
+    content = {key: agent_state, "epoch": epoch, "reward": number(0.195), "acc": number(0.936)}
     with_resnet = key == "agent"
     if with_resnet:
-        content["resnet"] = torch03_state_dict(rnet_src.state_dict())
+        content["resnet"] = torch03_state_dict(rnet_src.state_dict(), prefix=prefix)
     save_py2_torch03(content, tmp_path / "ckpt.t7")
     rnet, agent = utils.build_model(model)
     before = rnet.fc.weight.clone()
@@ -281,6 +283,7 @@ def test_test_py_refuses_unsafe_corrupt_and_foreign_files_in_one_line(tmp_path):
         ("cut.t7", "corrupt, truncated or not a checkpoint"),
         ("noise.t7", "corrupt, truncated or not a checkpoint"),
         ("r32.t7", "holds a policy for 15 blocks; this model has 9 blocks"),
+        ("missing.t7", "checkpoint missing.t7 does not exist"),
         ("c100.t7", "they hold blocks [3, 3, 3], 100 classes, the network has blocks [3, 3, 3], 10 classes"),
     ]
     for name, message in cases:

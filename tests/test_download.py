@@ -23,10 +23,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Server(http.server.BaseHTTPRequestHandler):
-    """Serves ``files`` with HTTP Range support; the first answer for a path in ``cut`` stops halfway."""
+    """Serves ``files`` with HTTP Range support.
+
+    The first answer for a path in ``cut`` stops halfway: "length" with a Content-Length, "chunked"
+    in chunked transfer encoding, "close" with neither (the end of the connection ends the body).
+    """
 
     files: dict[str, tuple[bytes, str]] = {}
-    cut: set[str] = set()
+    cut: dict[str, str] = {}
     requests: list[tuple[str, str | None]] = []
 
     def do_GET(self):
@@ -50,14 +54,20 @@ class Server(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
         body = data[start:]
-        if self.path in self.cut:
-            self.cut.discard(self.path)
-            body = body[: len(body) // 2]
+        cut = self.cut.pop(self.path, None)
+        if cut == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        elif cut != "close":
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cut:
             self.close_connection = True
-        self.wfile.write(body)
+            body = body[: len(body) // 2]
+        if cut == "chunked":
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")  # and no last chunk
+        else:
+            self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -65,7 +75,7 @@ class Server(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Server.files, Server.cut, Server.requests = {}, set(), []
+    Server.files, Server.cut, Server.requests = {}, {}, []
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Server)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -167,17 +177,41 @@ def test_a_partial_download_is_resumed(server, tmp_path):
     assert url == f"{server}/ck.tar.gz"
     assert Server.requests == [("/ck.tar.gz", "bytes=1000-")]
     assert archive.read_bytes() == data and not archive.with_name("ck.tar.gz.part").exists()
-    # A transfer that stops midway is resumed where it stopped, in the same run.
+    # A complete .part (the move into place was interrupted) is recognised by the server's 416.
+    archive.rename(archive.with_name("ck.tar.gz.part"))
     Server.requests.clear()
-    Server.cut.add("/ck.tar.gz")
-    archive.unlink()
+    dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
+    assert archive.read_bytes() == data and Server.requests == [("/ck.tar.gz", f"bytes={len(data)}-")]
+
+
+@pytest.mark.parametrize("cut", ["length", "chunked", "close"])
+def test_a_transfer_that_stops_midway_is_resumed_in_the_same_run(cut, server, tmp_path):
+    data, _ = released_tarball(tmp_path)
+    Server.files["/ck.tar.gz"] = (data, "application/gzip")
+    Server.cut["/ck.tar.gz"] = cut
+    archive = tmp_path / "ck.tar.gz"
     dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
     assert archive.read_bytes() == data
     assert Server.requests == [("/ck.tar.gz", None), ("/ck.tar.gz", f"bytes={len(data) // 2}-")]
-    # A complete .part (the move into place was interrupted) is recognised by the server's 416.
-    archive.rename(archive.with_name("ck.tar.gz.part"))
+
+
+def test_a_partial_file_that_cannot_be_continued_is_started_over(server, tmp_path, capsys):
+    data, _ = released_tarball(tmp_path)
+    Server.files["/ck.tar.gz"] = (data, "application/gzip")
+    archive = tmp_path / "ck.tar.gz"
+    part = tmp_path / "ck.tar.gz.part"
+    part.write_bytes(data + b"stale bytes from something else")  # longer than the server's file: 416
     dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
     assert archive.read_bytes() == data
+    assert "starting over" in capsys.readouterr().err
+    # Bytes from another file (another URL, or the file changed on the server): gzip's CRC fails.
+    archive.unlink()
+    part.write_bytes(data[:200] + bytes([data[200] ^ 0xFF]) + data[201:500])
+    Server.requests.clear()
+    dl.download([f"{server}/ck.tar.gz"], archive, timeout=10)
+    assert archive.read_bytes() == data
+    assert Server.requests == [("/ck.tar.gz", "bytes=500-"), ("/ck.tar.gz", None)]
+    assert "corrupt" in capsys.readouterr().err
 
 
 def test_a_wrong_digest_unpacks_nothing(tmp_path):
@@ -210,8 +244,11 @@ def test_no_network_is_one_line_and_exit_code_2(tmp_path):
         (lambda tar: add_file(tar, "/tmp/escaped.txt", b"x"), "absolute path"),
         (lambda tar: tar.addfile(link("cv/etc", "/etc")), "absolute"),
         (lambda tar: tar.addfile(link("cv/up", "../../..")), "outside the destination"),
-        (lambda tar: tar.addfile(link("cv/hard", "/etc/passwd", tarfile.LNKTYPE)), "'cv/hard' links to an absolute"),
-        (lambda tar: tar.addfile(link("cv/hard", "cv/../../x", tarfile.LNKTYPE)), "outside the destination"),
+        (
+            lambda tar: tar.addfile(link("cv/hard", "/etc/passwd", tarfile.LNKTYPE)),
+            "'cv/hard' links to the absolute '/etc/passwd'",
+        ),
+        (lambda tar: tar.addfile(link("cv/hard", "cv/../../x", tarfile.LNKTYPE)), "which is not a file before it"),
         (lambda tar: tar.addfile(device("cv/null")), "special file"),
     ],
     ids=[
@@ -289,6 +326,76 @@ def test_links_inside_the_archive_are_kept(tmp_path):
     ]
     assert os.listdir(tmp_path / "out") == ["runs"]
     assert dl.unpack(tmp_path / "l.tar.gz", tmp_path / "out", overwrite=False) == (0, 3)
+
+
+def tarball(path: Path, *members) -> Path:
+    """A tar.gz of (name, bytes), (name, '->', target) symlinks, (name, '=>', target) hard links, or folder names."""
+    with tarfile.open(path, "w:gz") as tar:
+        for m in members:
+            if isinstance(m, str):
+                info = tarfile.TarInfo(m)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif len(m) == 2:
+                add_file(tar, *m)
+            else:
+                tar.addfile(link(m[0], m[2], tarfile.SYMTYPE if m[1] == "->" else tarfile.LNKTYPE))
+    return path
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_names_through_a_link_of_the_archive_or_of_dest_are_refused(tmp_path):
+    dest, outside = tmp_path / "cv", tmp_path / "outside"
+    (dest / "finetuned/myrun").mkdir(parents=True)
+    (dest / "finetuned/myrun/ckpt.t7").write_bytes(b"mine")
+    outside.mkdir()
+    (outside / "victim").mkdir()
+    (dest / "x").mkdir()
+    (dest / "x/data").symlink_to(outside)  # the user's own link out of dest
+    before = files_under(tmp_path)
+    cases = {
+        # the archive's own link, then a name through it that replaces an existing folder
+        "through-own-link": [("cv/finetuned/zz.txt", b"z"), ("cv/s", "->", "finetuned"), ("cv/s/myrun", b"f")],
+        "through-own-link-out": [("cv/x/zz.txt", b"z"), ("cv/p", "->", "x"), ("cv/p/data/victim", b"f")],
+        "through-dest-link": [("cv/x/data/victim/f", b"f")],
+        "folder-through-dest-link": ["cv/x/data/made_outside"],
+        "duplicate": [("cv/a.t7", b"old"), ("cv/b.t7", b"b"), ("cv/a.t7", b"new")],
+        "file-then-folder": [("cv/a", b"a"), ("cv/a/b", b"b")],
+        "folder-then-link": [("cv/d/f", b"f"), ("cv/d", "->", "x")],
+        "file-over-folder": [("cv/finetuned", b"a file where runs are")],
+    }
+    for case, members in cases.items():
+        archive = tarball(tmp_path / f"{case}.tar.gz", *members)
+        for overwrite in (False, True):
+            with pytest.raises(utils.UserError, match=r"^refused: member .*; nothing was unpacked$"):
+                dl.unpack(archive, dest, overwrite=overwrite)
+        archive.unlink()
+        assert files_under(tmp_path) == before, case
+        assert sorted(p.name for p in dest.iterdir()) == ["finetuned", "x"], case
+        assert sorted(p.name for p in outside.iterdir()) == ["victim"], case
+
+
+def test_hard_links_and_a_dot_top_folder(tmp_path):
+    archive = tarball(
+        tmp_path / "a.tar.gz", "./", "./cv", ("./cv/runs/a.t7", b"data"), ("./cv/runs/b.t7", "=>", "./cv/runs/a.t7")
+    )
+    dest = tmp_path / "out"
+    assert dl.unpack(archive, dest, overwrite=False) == (2, 0)
+    assert files_under(dest) == {"runs/a.t7": b"data", "runs/b.t7": b"data"}  # ./cv/ maps onto dest
+    (dest / "runs/b.t7").unlink()
+    assert dl.unpack(archive, dest, overwrite=False) == (1, 1)  # the link's file is restored
+    assert files_under(dest) == {"runs/a.t7": b"data", "runs/b.t7": b"data"}
+
+
+def test_a_file_that_is_not_an_archive_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "page.tar.gz").write_bytes(b"<html>Moved</html>")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "--archive", "page.tar.gz")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "page.tar.gz is not a tar.gz archive" in err
 
 
 def test_a_truncated_archive_is_a_clear_error(tmp_path, monkeypatch, capsys):
