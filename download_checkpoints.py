@@ -5,11 +5,10 @@
     python download_checkpoints.py --archive ~/Downloads/blockdrop-checkpoints.tar.gz   # a copy you have
 
 The tarball is fetched from the first URL that answers with a gzip file, into ``<archive>.part``,
-which a later run resumes (HTTP Range), and moved to ``--archive`` only once complete. Unpacking
-checks every member before writing anything: absolute names, names or links that would land
-outside ``--dest`` and device files are refused (tarfile's ``data`` extraction filter), and files
-already in ``--dest`` are never replaced unless ``--overwrite`` is given (identical ones are
-skipped). The tarball's top-level ``cv/`` folder maps onto ``--dest``.
+which a later run resumes (HTTP Range), and moved to ``--archive`` only once gzip's CRC check
+passes. Unpacking checks every member before writing anything (see ``plan_unpack``), unpacks
+into a temporary folder inside ``--dest`` and moves each file into place. The tarball's top-level
+``cv/`` folder maps onto ``--dest``. Needs no torch: it starts at once.
 """
 
 import argparse
@@ -28,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-import utils
+from cli import ArgumentParser, UserError, positive_float, run
 
 URLS = (
     "https://www.cs.utexas.edu/~tushar/blockdrop/blockdrop-checkpoints.tar.gz",
@@ -37,7 +36,6 @@ URLS = (
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ATTEMPTS = 3  # per URL, each resuming where the previous one stopped
-UserError = utils.UserError
 
 
 class Unavailable(Exception):
@@ -60,7 +58,7 @@ def sha256_hex(text: str) -> str:
 
 
 def get_args_parser():
-    p = utils.ArgumentParser(
+    p = ArgumentParser(
         description="Download the authors' released BlockDrop checkpoints and unpack them into cv/.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -85,7 +83,7 @@ def get_args_parser():
         action="store_true",
         help="replace files in --dest that differ from the tarball's (default: stop)",
     )
-    p.add_argument("--timeout", type=utils.positive_float, default=30.0, help="seconds to wait for a server to answer")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for a server to answer")
     return p
 
 
@@ -98,7 +96,7 @@ def _reason(e: BaseException) -> str:
         return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError):
         return str(e.reason)
-    return str(e) or type(e).__name__
+    return (str(e) or type(e).__name__).splitlines()[0]
 
 
 def _open(url: str, start: int, timeout: float):
@@ -119,12 +117,25 @@ def _open(url: str, start: int, timeout: float):
         raise Unavailable(_reason(e)) from None
 
 
-def fetch(url: str, part: Path, timeout: float) -> None:
-    """Append the rest of ``url`` to ``part`` (all of it if the server cannot resume)."""
+def _read(response, size: int) -> tuple[bytes, BaseException | None]:
+    """Up to ``size`` bytes, as soon as some arrive; with the error that cut the transfer, if any."""
+    try:
+        return getattr(response, "read1", response.read)(size), None
+    except http.client.IncompleteRead as e:
+        return e.partial, e
+    except (OSError, http.client.HTTPException) as e:
+        return b"", e
+
+
+def fetch(url: str, part: Path, timeout: float) -> bool:
+    """Append the rest of ``url`` to ``part`` (all of it if the server cannot resume).
+
+    Returns whether the server confirmed that ``part`` now has its whole length.
+    """
     start = part.stat().st_size if part.exists() else 0
     response = _open(url, start, timeout)
     if response is None:
-        return
+        return True
     with response:
         if start and getattr(response, "status", None) == 206:
             sent = re.match(r"bytes (\d+)-", response.headers.get("Content-Range") or "")
@@ -134,53 +145,55 @@ def fetch(url: str, part: Path, timeout: float) -> None:
             start = 0  # the server sends the whole file: start over
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
-        try:
-            first = response.read(1 << 16)  # enough to tell a gzip file from an error page
-        except (OSError, http.client.HTTPException) as e:
-            raise Unavailable(_reason(e)) from None
-        if start == 0 and not first.startswith(GZIP_MAGIC):
+        chunk, error = _read(response, 1 << 16)
+        if start == 0 and not chunk.startswith(GZIP_MAGIC):
+            if error is not None and not chunk:
+                raise Unavailable(_reason(error))
             kind = response.headers.get("Content-Type") or "unknown type"
             raise Unavailable(f"it answered with something that is not a gzip file ({kind})")
         try:
             part.parent.mkdir(parents=True, exist_ok=True)
+            f = open(part, "ab" if start else "wb")
         except OSError as e:
-            raise UserError(f"cannot create {part.parent} ({e.strerror})") from None
-        with (
-            open(part, "ab" if start else "wb") as f,
-            tqdm(
-                total=total,
-                initial=start,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=part.name.removesuffix(".part"),
-                dynamic_ncols=True,
-                disable=None,  # on a terminal only: logs get the summary lines
-            ) as bar,
-        ):
-            chunk = first
-            try:
-                while chunk:
-                    f.write(chunk)
-                    bar.update(len(chunk))
-                    chunk = response.read(CHUNK)
-            except http.client.IncompleteRead as e:  # keep what did arrive
-                f.write(e.partial)
-                raise Interrupted(f"the connection closed after {f.tell()} bytes") from None
-            except (OSError, http.client.HTTPException) as e:
-                raise Interrupted(_reason(e)) from None
+            raise UserError(f"cannot write {part} ({e.strerror})") from None
+        bar = tqdm(
+            total=total,
+            initial=start,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            dynamic_ncols=True,
+            disable=None,  # on a terminal only: logs get the summary lines
+        )
+        with f, bar:
+            while chunk:
+                f.write(chunk)
+                bar.update(len(chunk))
+                if error is not None:
+                    break
+                chunk, error = _read(response, CHUNK)
+    if error is not None:
+        raise Interrupted(_reason(error))
     size = part.stat().st_size
     if total is not None and size != total:
         raise Interrupted(f"got {size} of {total} bytes")
+    return total is not None
 
 
-def check_gzip(path: Path) -> None:
-    """Read the whole gzip stream: a truncated file is Interrupted, a corrupt one (CRC) needs a Restart."""
+def check_gzip(path: Path, complete: bool) -> None:
+    """Read the whole gzip stream and check its CRC.
+
+    A stream that ends early is Interrupted (resume), unless the server said the file is complete;
+    corrupt bytes, or a complete file that still ends early, need a Restart.
+    """
     try:
         with gzip.open(path, "rb") as f:
             while f.read(CHUNK):
                 pass
     except EOFError:
+        if complete:
+            raise Restart("the file ends early although the server has no more of it") from None
         raise Interrupted("the gzip stream ends early") from None
     except (OSError, zlib.error) as e:
         raise Restart(f"the downloaded bytes are corrupt ({_reason(e)})") from None
@@ -190,7 +203,7 @@ def download(urls: list[str], archive: Path, timeout: float) -> str:
     """Fetch the archive from the first URL that has it; returns that URL.
 
     A transfer that stops is resumed (``ATTEMPTS`` times per URL); a partial file that the server
-    cannot continue, or whose assembled bytes fail gzip's CRC check, is started over once.
+    cannot continue, or whose assembled bytes fail gzip's checks, is started over once.
     """
     part = archive.with_name(archive.name + ".part")
     failures = []
@@ -198,9 +211,9 @@ def download(urls: list[str], archive: Path, timeout: float) -> str:
         answered, restarted, stops = False, False, 0
         while True:
             try:
-                fetch(url, part, timeout)
+                complete = fetch(url, part, timeout)
                 answered = True
-                check_gzip(part)
+                check_gzip(part, complete)
             except Unavailable as e:
                 if not answered:
                     failures.append(f"{url}: {e}")
@@ -210,8 +223,11 @@ def download(urls: list[str], archive: Path, timeout: float) -> str:
                 if restarted:
                     raise UserError(f"{url}: {e}, even after starting over") from None
                 print(f"{part}: {e}; starting over", file=sys.stderr, flush=True)
-                part.unlink(missing_ok=True)
-                restarted = True
+                try:
+                    part.unlink(missing_ok=True)
+                except OSError as err:
+                    raise UserError(f"cannot remove {part} ({err.strerror})") from None
+                answered, restarted = True, True
                 continue
             except Interrupted as e:
                 answered = True
@@ -229,7 +245,7 @@ def download(urls: list[str], archive: Path, timeout: float) -> str:
 
 
 def _kept(part: Path) -> str:
-    size = part.stat().st_size if part.exists() else 0
+    size = part.stat().st_size if part.is_file() else 0
     return f"{size} bytes are kept in {part}: run the same command again to resume"
 
 
@@ -249,10 +265,17 @@ def refused(member: tarfile.TarInfo, why: str) -> UserError:
     return UserError(f"refused: member {member.name!r} {why}; nothing was unpacked")
 
 
-def _parts(member: tarfile.TarInfo, name: str) -> list[str]:
-    if name.startswith("/") or re.match(r"[A-Za-z]:", name):
-        raise refused(member, "has an absolute path" if name == member.name else f"links to the absolute {name!r}")
-    return [p for p in PurePosixPath(name).parts if p != "."]
+def _parts(member: tarfile.TarInfo, path: str, what: str) -> list[str]:
+    """The parts of a member's name or link target: relative, without ``..``, without NUL."""
+    if "\0" in path:
+        raise refused(member, f"has a NUL byte in its {what}")
+    shown = "" if path == member.name else f" ({path!r})"
+    if path.startswith("/") or re.match(r"[A-Za-z]:", path):
+        raise refused(member, f"has an absolute {what}{shown}")
+    parts = [p for p in PurePosixPath(path).parts if p != "."]
+    if ".." in parts:
+        raise refused(member, f"has '..' in its {what}{shown}")
+    return parts
 
 
 def _prefixes(name: str) -> list[str]:
@@ -278,13 +301,18 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
 
     Returns (members to write, renamed relative to ``dest``, hard links turned into copies of the
     file they name; the number of files already there and identical; existing files that differ).
-    Refused, as a UserError: members that tarfile's ``data`` filter refuses (outside ``dest``,
-    through a link of ``dest`` that leads out, links out, device files), absolute names, names
-    used twice, names under a link or a file of the archive itself (which the filter cannot see
-    before that link exists), and files where ``dest`` has a folder or folders where it has a file.
+
+    Refused, as a UserError: absolute names and link targets, and any ``..`` in them (so a name is
+    one path, and a link can only point down from its own folder); what tarfile's ``data`` filter
+    refuses against ``dest`` as it is (a name or link that resolves outside, through links already
+    in ``dest`` too; device files); names used twice, names under a file or link of the archive
+    (the filter cannot see a link that does not exist yet); files where ``dest`` has a folder and
+    folders where it has a file.
     """
     members = tar.getmembers()
-    parts = [_parts(m, m.name) for m in members]
+    if not members:
+        raise UserError(f"{tar.name} holds no files")
+    parts = [_parts(m, m.name, "name") for m in members]
     strip = int(any(parts) and all(p[0] == "cv" for p in parts if p))  # the top-level cv/ maps onto dest
     real_dest = os.path.realpath(dest)
     by_name: dict[str, tarfile.TarInfo] = {}  # archive names, for hard links
@@ -295,7 +323,9 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
         by_name["/".join(p)] = member
         name = "/".join(p[strip:])
         if not name:
-            continue  # the top-level folder itself
+            if not member.isdir():
+                raise refused(member, "is not a folder, yet it is the archive's top level")
+            continue
         if name in not_dirs:
             raise refused(member, "appears twice in the archive")
         if name in under and not member.isdir():
@@ -304,14 +334,18 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
         if through:
             raise refused(member, f"lies under {through[0]!r}, a file or link of the archive")
         source = member
-        if member.islnk():  # unpacked as a copy of the file it names, which came earlier
-            source = by_name.get("/".join(_parts(member, member.linkname)))
+        if member.issym():
+            _parts(member, member.linkname, "link target")
+        elif member.islnk():  # unpacked as a copy of the file it names, which came earlier
+            source = by_name.get("/".join(_parts(member, member.linkname, "link target")))
             if source is None or not source.isfile():
                 raise refused(member, f"is a hard link to {member.linkname!r}, which is not a file before it")
         try:
             checked = tarfile.data_filter(source.replace(name=name, deep=False), real_dest)
         except tarfile.FilterError as e:
             raise refused(member, f"is unsafe: {e}") from None
+        except ValueError as e:
+            raise refused(member, f"has an invalid name or link ({e})") from None
         if checked is None:
             continue
         under.update(_prefixes(name))
@@ -336,6 +370,10 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
     return todo, same, conflicts
 
 
+def _inside(path: Path, real_dest: str) -> bool:
+    return os.path.commonpath([real_dest, os.path.realpath(path)]) == real_dest
+
+
 def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
     """Unpack ``archive`` into ``dest``; returns (files written, files already there and identical)."""
     try:
@@ -355,15 +393,18 @@ def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
             with tempfile.TemporaryDirectory(dir=dest, prefix=".unpack-") as tmp:
                 tar.extractall(tmp, members=todo, filter="data")
                 real_dest = os.path.realpath(dest)
+                folders = {dest / d for m in todo for d in _prefixes(m.name)} | {
+                    dest / m.name for m in todo if m.isdir()
+                }
+                for folder in sorted(folders, key=lambda f: len(f.parts)):  # checked by plan_unpack; again here
+                    if not _inside(folder, real_dest):
+                        raise UserError(f"refused: {folder} leads outside {dest}; nothing was unpacked")
+                    folder.mkdir(exist_ok=True)
                 for member in todo:
-                    target = dest / member.name
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if os.path.commonpath([real_dest, os.path.realpath(target.parent)]) != real_dest:
-                        raise UserError(f"refused: {target} would land outside {dest}; stopped")  # checked above
-                    os.replace(Path(tmp) / member.name, target)
+                    if not member.isdir():
+                        os.replace(Path(tmp) / member.name, dest / member.name)
+    except tarfile.FilterError as e:
+        raise UserError(f"refused: {e}; nothing was unpacked") from None
     except tarfile.ReadError:
         raise UserError(f"{archive} is not a tar.gz archive: delete it and download it again") from None
     except (tarfile.TarError, EOFError, zlib.error) as e:
@@ -399,11 +440,10 @@ def main(args) -> None:
         )
     written, kept = unpack(archive, dest, args.overwrite)
     print(f"unpacked {written} file(s) into {dest}" + (f"; {kept} already there and identical" if kept else ""))
-    found = [
-        model for model, name in utils.RELEASED_BASE_FILES.items() if (dest / "pretrained" / model / name).is_file()
-    ]
-    if found:
-        print(f"released base models in {dest / 'pretrained'}: {', '.join(found)}")
+    pretrained = dest / "pretrained"
+    if pretrained.is_dir():
+        models = sorted(d.name for d in pretrained.iterdir() if d.is_dir() and any(f.is_file() for f in d.iterdir()))
+        print(f"base models in {pretrained}: {', '.join(models)}")
 
 
 def interruptible(args) -> None:
@@ -411,9 +451,9 @@ def interruptible(args) -> None:
         main(args)
     except KeyboardInterrupt:
         part = Path(args.archive + ".part")
-        print(f"\ninterrupted{'; ' + _kept(part) if part.exists() else ''}", file=sys.stderr)
+        print(f"\ninterrupted{'; ' + _kept(part) if part.is_file() else ''}", file=sys.stderr)
         sys.exit(130)
 
 
 if __name__ == "__main__":
-    utils.run(interruptible, get_args_parser())
+    run(interruptible, get_args_parser())

@@ -14,7 +14,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,15 +30,20 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from cli import ArgumentParser as ArgumentParser
+from cli import UserError as UserError
+from cli import drop_probability as drop_probability
+from cli import non_negative_float as non_negative_float
+from cli import non_negative_int as non_negative_int
+from cli import positive_float as positive_float
+from cli import positive_int as positive_int
+from cli import probability as probability
+from cli import run as run
 from models.base import BasicBlock, Bottleneck
 from models.resnet import FlatResNet, FlatResNet32, FlatResNet224, Policy, Policy32, Policy224
 
 PRETRAINED_DIR = Path("cv/pretrained")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-class UserError(Exception):
-    """Bad input from the user: the scripts print it as one line and exit with code 2."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,34 +659,6 @@ def policy_flops(agent: Policy, input_size: tuple[int, ...]) -> int:
 # Runs: arguments, device, seeds, run records
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad input in one line (no usage block) with exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _typed(check: Callable[[float], bool], cast, what: str):
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-
-    return parse
-
-
-positive_int = _typed(lambda v: v > 0, int, "a positive integer")
-non_negative_int = _typed(lambda v: v >= 0, int, "a non-negative integer")
-positive_float = _typed(lambda v: v > 0, float, "a positive number")
-non_negative_float = _typed(lambda v: v >= 0, float, "a non-negative number")
-probability = _typed(lambda v: 0.5 < v <= 1, float, "a number in (0.5, 1]")
-drop_probability = _typed(lambda v: 0 <= v < 1, float, "a number in [0, 1)")
-
-
 def model_name(text: str) -> str:
     """argparse type of ``--model``."""
     try:
@@ -778,15 +755,3 @@ def adjust_learning_rate(
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
-
-
-def run(
-    main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None
-):
-    """Parse the command line and run ``main``; a UserError becomes one line on stderr and exit code 2."""
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
