@@ -36,6 +36,7 @@ URLS = (
 CHUNK = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 ATTEMPTS = 3  # per URL, each resuming where the previous one stopped
+MAX_PATH = 1024  # longer member names or link targets are refused
 
 
 class Unavailable(Exception):
@@ -168,7 +169,12 @@ def fetch(url: str, part: Path, timeout: float) -> bool:
         )
         with f, bar:
             while chunk:
-                f.write(chunk)
+                try:
+                    f.write(chunk)
+                except OSError as e:
+                    raise UserError(
+                        f"cannot write {part} ({e.strerror}); {f.tell()} bytes kept: free space and run again"
+                    ) from None
                 bar.update(len(chunk))
                 if error is not None:
                     break
@@ -270,6 +276,8 @@ def _parts(member: tarfile.TarInfo, path: str, what: str) -> list[str]:
     if "\0" in path:
         raise refused(member, f"has a NUL byte in its {what}")
     shown = "" if path == member.name else f" ({path!r})"
+    if not path or len(path) > MAX_PATH:
+        raise refused(member, f"has an empty or overlong {what}")
     if path.startswith("/") or re.match(r"[A-Za-z]:", path):
         raise refused(member, f"has an absolute {what}{shown}")
     parts = [p for p in PurePosixPath(path).parts if p != "."]
@@ -318,6 +326,7 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
     by_name: dict[str, tarfile.TarInfo] = {}  # archive names, for hard links
     not_dirs: set[str] = set()  # files and links of the archive: nothing may lie under them
     under: set[str] = set()  # every folder that names pass through
+    dirs: set[str] = set()  # folder members
     todo, same, conflicts = [], 0, []
     for member, p in zip(members, parts, strict=True):
         by_name["/".join(p)] = member
@@ -326,7 +335,7 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
             if not member.isdir():
                 raise refused(member, "is not a folder, yet it is the archive's top level")
             continue
-        if name in not_dirs:
+        if name in not_dirs or (name in dirs and not member.isdir()):
             raise refused(member, "appears twice in the archive")
         if name in under and not member.isdir():
             raise refused(member, "is a file or link, and other members lie under it")
@@ -348,8 +357,12 @@ def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo]
             raise refused(member, f"has an invalid name or link ({e})") from None
         if checked is None:
             continue
+        if not isinstance(checked.mtime, int | float) or not 0 <= checked.mtime < 2**40:
+            raise refused(member, f"has an invalid time stamp ({checked.mtime!r})")
         under.update(_prefixes(name))
-        if not checked.isdir():
+        if checked.isdir():
+            dirs.add(name)
+        else:
             not_dirs.add(name)
         blocked = [d for d in _prefixes(name) if os.path.lexists(dest / d) and not (dest / d).is_dir()]
         if blocked:
@@ -374,14 +387,27 @@ def _inside(path: Path, real_dest: str) -> bool:
     return os.path.commonpath([real_dest, os.path.realpath(path)]) == real_dest
 
 
+def _check_archive(archive: Path) -> None:
+    """The whole archive must be an intact gzip stream: tarfile alone stops quietly at damage."""
+    with open(archive, "rb") as f:
+        if f.read(2) != GZIP_MAGIC:
+            raise UserError(f"{archive} is not a tar.gz archive: delete it and download it again")
+    try:
+        check_gzip(archive, complete=True)
+    except Restart as e:
+        raise UserError(f"{archive} is incomplete or corrupt ({e}): delete it and download it again") from None
+
+
 def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
     """Unpack ``archive`` into ``dest``; returns (files written, files already there and identical)."""
+    _check_archive(archive)
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {dest} ({e.strerror})") from None
+    moved = 0
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:gz") as tar:
             todo, same, conflicts = plan_unpack(tar, dest)
             if conflicts and not overwrite:
                 raise UserError(
@@ -389,9 +415,10 @@ def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
                     f"nothing was unpacked: move them away or pass --overwrite"
                 )
             # Unpack beside the destination, then move each file into place: a file in `dest` is
-            # the old one or the complete new one, never half written.
+            # the old one or the complete new one, never half written. Links are made here, not by
+            # tarfile (whose fallback for a link it cannot make copies a member unfiltered).
             with tempfile.TemporaryDirectory(dir=dest, prefix=".unpack-") as tmp:
-                tar.extractall(tmp, members=todo, filter="data")
+                tar.extractall(tmp, members=[m for m in todo if not m.issym()], filter="data")
                 real_dest = os.path.realpath(dest)
                 folders = {dest / d for m in todo for d in _prefixes(m.name)} | {
                     dest / m.name for m in todo if m.isdir()
@@ -400,9 +427,20 @@ def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
                     if not _inside(folder, real_dest):
                         raise UserError(f"refused: {folder} leads outside {dest}; nothing was unpacked")
                     folder.mkdir(exist_ok=True)
-                for member in todo:
-                    if not member.isdir():
-                        os.replace(Path(tmp) / member.name, dest / member.name)
+                device = os.stat(tmp).st_dev
+                for folder in {(dest / m.name).parent for m in todo if not m.isdir()}:
+                    if os.stat(folder).st_dev != device or not os.access(folder, os.W_OK):
+                        raise UserError(f"cannot move files into {folder} (another file system or read-only)")
+                files = [m for m in todo if not m.isdir()]
+                for i, member in enumerate(files):
+                    source = Path(tmp) / member.name
+                    if member.issym():
+                        source = Path(tmp) / f".link-{i}"
+                        os.symlink(member.linkname, source)
+                    os.replace(source, dest / member.name)
+                    moved += 1
+    except UserError:
+        raise
     except tarfile.FilterError as e:
         raise UserError(f"refused: {e}; nothing was unpacked") from None
     except tarfile.ReadError:
@@ -411,8 +449,10 @@ def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
         raise UserError(
             f"{archive} is not a complete tar.gz archive ({_reason(e)}); delete it and download it again"
         ) from None
-    except OSError as e:
-        raise UserError(f"cannot unpack into {dest}: {e.filename or ''} {e.strerror or e}") from None
+    except (OSError, ValueError, OverflowError) as e:
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        done = f"{moved} file(s) were moved into place before this" if moved else "nothing was unpacked"
+        raise UserError(f"cannot unpack into {dest}:{where} {getattr(e, 'strerror', None) or e}; {done}") from None
     return sum(not m.isdir() for m in todo), same
 
 
@@ -431,7 +471,10 @@ def main(args) -> None:
     else:
         url = download(args.url or list(URLS), archive, args.timeout)
         print(f"downloaded {archive} from {url}", flush=True)
-    digest = sha256_of(archive)
+    try:
+        digest = sha256_of(archive)
+    except OSError as e:
+        raise UserError(f"cannot read {archive} ({e.strerror})") from None
     print(f"sha256 {digest}  {archive}", flush=True)
     if args.sha256 and digest != args.sha256:
         raise UserError(
@@ -440,9 +483,15 @@ def main(args) -> None:
         )
     written, kept = unpack(archive, dest, args.overwrite)
     print(f"unpacked {written} file(s) into {dest}" + (f"; {kept} already there and identical" if kept else ""))
-    pretrained = dest / "pretrained"
-    if pretrained.is_dir():
-        models = sorted(d.name for d in pretrained.iterdir() if d.is_dir() and any(f.is_file() for f in d.iterdir()))
+    try:
+        pretrained = dest / "pretrained"
+        folders = sorted(d for d in pretrained.iterdir() if d.is_dir()) if pretrained.is_dir() else []
+        models = [
+            d.name if d.name.isprintable() else repr(d.name) for d in folders if any(f.is_file() for f in d.iterdir())
+        ]
+    except OSError:
+        models = []  # only a summary
+    if models:
         print(f"base models in {pretrained}: {', '.join(models)}")
 
 

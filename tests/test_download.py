@@ -369,7 +369,7 @@ def test_names_through_a_link_of_the_archive_or_of_dest_are_refused(tmp_path):
         "folder-through-dest-link": ["cv/x/data/made_outside"],
         "duplicate": [("cv/a.t7", b"old"), ("cv/b.t7", b"b"), ("cv/a.t7", b"new")],
         "file-then-folder": [("cv/a", b"a"), ("cv/a/b", b"b")],
-        "folder-then-link": [("cv/d/f", b"f"), ("cv/d", "->", "x")],
+        "file-under-then-link": [("cv/d/f", b"f"), ("cv/d", "->", "x")],
         "file-over-folder": [("cv/finetuned", b"a file where runs are")],
         # '..' spellings: the same name twice, a link made out of links that do not exist yet
         "dotdot-replaces": ["cv/q", ("cv/q/../finetuned/myrun/ckpt.t7", b"evil")],
@@ -383,6 +383,10 @@ def test_names_through_a_link_of_the_archive_or_of_dest_are_refused(tmp_path):
             ("cv/q/../w", "->", "."),
         ],
         "top-level-cv-is-a-link": [("cv", "->", "/"), ("cv/f", b"f")],
+        # links that os.symlink cannot make: tarfile would copy their target instead, unfiltered
+        "overlong-link": [("cv/f", b"f"), ("cv/l", "->", "./" * 2100 + "f")],
+        "empty-link": [("cv/f", b"f"), ("cv/l", "->", "")],
+        "folder-then-link": ["cv/d", ("cv/d", "->", "f")],
     }
     for case, members in cases.items():
         archive = tarball(tmp_path / f"{case}.tar.gz", *members)
@@ -393,6 +397,16 @@ def test_names_through_a_link_of_the_archive_or_of_dest_are_refused(tmp_path):
         assert files_under(tmp_path) == before, case
         assert sorted(p.name for p in dest.iterdir()) == ["finetuned", "x"], case
         assert sorted(p.name for p in outside.iterdir()) == ["victim"], case
+
+
+def test_a_bad_time_stamp_is_refused(tmp_path):
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("cv/f")
+        info.pax_headers = {"mtime": "1e30"}
+        tar.addfile(info, io.BytesIO())
+    with pytest.raises(utils.UserError, match="refused: member 'cv/f' has an invalid time stamp"):
+        dl.unpack(tmp_path / "t.tar.gz", tmp_path / "out", overwrite=False)
+    assert files_under(tmp_path / "out") == {}
 
 
 def test_hard_links_and_a_dot_top_folder(tmp_path):
@@ -432,5 +446,11 @@ def test_a_truncated_archive_is_a_clear_error(tmp_path, monkeypatch, capsys):
     code, _, err = run_main(capsys, "--archive", "ck.tar.gz")
     assert code == 2
     assert len(err.strip().splitlines()) == 1
-    assert "ck.tar.gz is not a complete tar.gz archive" in err
+    assert "ck.tar.gz is incomplete or corrupt" in err
+    # Damage in the middle: tarfile alone would unpack the first file and stop quietly.
+    damaged = bytearray(data)
+    damaged[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    (tmp_path / "ck.tar.gz").write_bytes(bytes(damaged))
+    code, _, err = run_main(capsys, "--archive", "ck.tar.gz")
+    assert code == 2 and "ck.tar.gz is incomplete or corrupt" in err
     assert not any(p.is_file() for p in (tmp_path / "cv").rglob("*"))
