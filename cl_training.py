@@ -39,6 +39,11 @@ def get_args_parser():
     p.add_argument(
         "--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs"
     )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
+    )
     return p
 
 
@@ -56,9 +61,14 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
         policy_map[:, ~mask] = 1.0
         policy[:, ~mask] = 1.0
 
-        with torch.no_grad():  # the ResNet is frozen
-            preds_map = rnet(inputs, policy_map)
-            preds_sample = rnet(inputs, policy)
+        with torch.inference_mode():  # the ResNet is frozen
+            if args.dense:  # the original's computation: every block on every image, masked
+                preds_map, preds_sample = rnet.forward_masked(inputs, policy_map), rnet.forward_masked(inputs, policy)
+            elif inputs.is_cuda:  # one pass over both policies: half the kernel launches
+                both = rnet(torch.cat([inputs, inputs]), torch.cat([policy_map, policy]))
+                preds_map, preds_sample = both.split(inputs.shape[0])
+            else:  # on CPU two passes are faster (cache): R110, 256 images, 0.68 s against 0.82 s
+                preds_map, preds_sample = rnet(inputs, policy_map), rnet(inputs, policy)
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,) self-critical baseline
@@ -106,7 +116,7 @@ def main(args):
         print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
         utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, decided)
+            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, decided, dense=args.dense)
             stats = utils.performance_stats(*results)
             print(utils.stats_line("TS - ", stats), flush=True)
             utils.log_stats(writer, "test", stats, epoch)

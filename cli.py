@@ -38,6 +38,7 @@ positive_float = _typed(lambda v: v > 0, float, "a positive number")
 non_negative_float = _typed(lambda v: v >= 0, float, "a non-negative number")
 probability = _typed(lambda v: 0.5 < v <= 1, float, "a number in (0.5, 1]")
 drop_probability = _typed(lambda v: 0 <= v < 1, float, "a number in [0, 1)")
+fraction = _typed(lambda v: 0 <= v <= 1, float, "a number in [0, 1]")
 
 
 def run(

@@ -37,6 +37,11 @@ def get_args_parser():
     p.add_argument(
         "--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs"
     )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
+    )
     return p
 
 
@@ -50,9 +55,10 @@ def train_epoch(args, rnet, agent, loader, optimizer, device):
         probs, _ = agent(inputs)  # (B, K)
         policy_map, policy, distr = utils.sample_policy(probs, args.alpha)
 
+        forward = rnet.forward_masked if args.dense else rnet
         with torch.no_grad():  # the greedy run is only the baseline of the advantage
-            preds_map = rnet(inputs, policy_map)
-        preds_sample = rnet(inputs, policy)
+            preds_map = forward(inputs, policy_map)
+        preds_sample = forward(inputs, policy)
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,)
@@ -98,7 +104,9 @@ def main(args):
         print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
         utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            stats = utils.performance_stats(*utils.evaluate(rnet, agent, testloader, device, args.penalty))
+            stats = utils.performance_stats(
+                *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense)
+            )
             print(utils.stats_line("TS - ", stats), flush=True)
             utils.log_stats(writer, "test", stats, epoch)
             state = {

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from cli import ArgumentParser as ArgumentParser
 from cli import UserError as UserError
 from cli import drop_probability as drop_probability
+from cli import fraction as fraction
 from cli import non_negative_float as non_negative_float
 from cli import non_negative_int as non_negative_int
 from cli import positive_float as positive_float
@@ -590,12 +591,15 @@ def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
     return (probs >= 0.5).float()
 
 
-@torch.no_grad()
-def evaluate(rnet, agent, loader, device, penalty: float, decided: int | None = None, policy_fn=None):
+@torch.inference_mode()
+def evaluate(
+    rnet, agent, loader, device, penalty: float, decided: int | None = None, policy_fn=None, dense: bool = False
+):
     """Policies over a loader, in batches: (policies, rewards, matches) on the CPU.
 
     ``policy_fn(inputs) -> (B, K)`` chooses the policies; by default the agent's greedy ones. With
-    ``decided`` set, the first K - decided blocks are forced on (curriculum learning).
+    ``decided`` set, the first K - decided blocks are forced on (curriculum learning). ``dense``
+    runs the original's masked form instead of the sparse one (same numbers, full cost).
     """
     rnet.eval()
     agent.eval()
@@ -606,7 +610,7 @@ def evaluate(rnet, agent, loader, device, penalty: float, decided: int | None = 
         policy = policy_fn(inputs)  # (B, K)
         if decided is not None:
             policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
-        preds = rnet(inputs, policy)
+        preds = rnet.forward_masked(inputs, policy) if dense else rnet(inputs, policy)
         reward, match = get_reward(preds, targets, policy, penalty)
         policies.append(policy.cpu())
         rewards.append(reward.cpu())

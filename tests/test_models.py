@@ -118,17 +118,66 @@ def test_dropped_first_block_still_downsamples(r18):
         assert torch.allclose(out, r18.head(h), atol=1e-5)
 
 
+def grads(net, fn, x, policy) -> list[torch.Tensor]:
+    """Gradients of every parameter (zeros where none arrive) of a squared-output loss."""
+    net.zero_grad()
+    fn(x, policy).square().sum().backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+
+
 def test_sparse_forward_gradients_match_masked_form():
     net = FlatResNet32(BasicBlock, [2, 2, 2], num_classes=10).eval()  # eval: BN is per-image
     x = torch.randn(6, 3, 32, 32)
     policy = (torch.rand(6, 6) < 0.5).float()
-    grads = []
-    for fn in (net.forward, net.forward_masked):
-        net.zero_grad()
-        fn(x, policy).square().sum().backward()
-        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()])
-    for a, b in zip(*grads, strict=True):
+    for a, b in zip(grads(net, net.forward, x, policy), grads(net, net.forward_masked, x, policy), strict=True):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def few_policies(batch: int, distinct: int, k: int) -> torch.Tensor:
+    choices = (torch.rand(distinct, k) < 0.5).float()
+    return choices[torch.arange(batch) % distinct]
+
+
+@pytest.mark.parametrize("distinct", [1, 3, 64])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_both_sparse_forms_equal_the_masked_form_and_are_chosen_by_the_policies(r20, distinct, mode, monkeypatch):
+    x = torch.randn(64, 3, 32, 32)
+    x0 = x.clone()
+    policy = few_policies(64, distinct, 9)
+    calls = []
+    for form in ("_forward_rows", "_forward_grouped"):
+        real = getattr(type(r20), form)
+        monkeypatch.setattr(r20, form, lambda *a, real=real, form=form: calls.append(form) or real(r20, *a))
+    with getattr(torch, mode)():
+        sparse = r20(x, policy)
+        rows = r20._forward_rows(x, policy.bool())
+        masked = r20.forward_masked(x, policy)
+    assert calls[0] == ("_forward_grouped" if distinct <= 64 // r20.MIN_GROUP else "_forward_rows")
+    assert torch.allclose(sparse, masked, atol=1e-5) and torch.allclose(rows, masked, atol=1e-5)
+    assert torch.equal(x, x0)  # the in-place writes never reach the input
+
+
+def test_grouped_form_gradients_match_masked_form():
+    net = FlatResNet32(BasicBlock, [2, 2, 2], num_classes=10).eval()
+    x = torch.randn(64, 3, 32, 32)
+    policy = few_policies(64, 2, 6)
+    for a, b in zip(grads(net, net.forward, x, policy), grads(net, net.forward_masked, x, policy), strict=True):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_training_mode_gathers_rows_and_normalises_over_the_images_that_use_a_block():
+    net = FlatResNet32(BasicBlock, [1, 1, 1], num_classes=10).train()
+    x = torch.randn(64, 3, 32, 32)
+    policy = few_policies(64, 1, 3)
+    policy[:, 1] = torch.arange(64) % 2  # block 1 used by half the images
+    net(x, policy).sum().backward()  # rows path: gradients reach every kept block
+    assert all(p.grad is not None for p in net.blocks[1][0].parameters())
+    # BatchNorm statistics of block 1 come from its 32 images only.
+    seen = []
+    hook = net.blocks[1][0].bn1.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    net(x, policy)
+    hook.remove()
+    assert seen == [32]
 
 
 def original_layout(state, imagenet):

@@ -99,6 +99,19 @@ def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
     assert int(re.match(CKPT, checkpoints(workdir / "cv/cl")[-1]).group(1)) == 3
 
 
+def test_dense_runs_the_masked_form_with_the_same_numbers(curriculum, workdir):
+    """--dense (the original's computation) gives curriculum learning the same numbers: the ResNet is frozen."""
+    dense = run("cl_training.py", *FAKE, "--max_epochs", 2, "--cv_dir", "cv/cl_dense", "--dense", cwd=workdir)
+    assert dense.returncode == 0, dense.stderr
+    assert dense.stdout == curriculum.stdout
+    assert checkpoints(workdir / "cv/cl_dense") == checkpoints(workdir / "cv/cl")[:2]
+    cl = checkpoints(workdir / "cv/cl")[-1]
+    args = ["--max_epochs", 0, "--cv_dir", "cv/ft_dense", "--pretrained", f"cv/cl/{cl}", "--dense"]
+    result = run("finetune.py", *FAKE, *args, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"E: 0 \| {STATS}\nTS - {STATS}\n", result.stdout)
+
+
 @pytest.fixture(scope="module")
 def finetuned(curriculum, workdir):
     cl = checkpoints(workdir / "cv/cl")[-1]
