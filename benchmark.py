@@ -163,7 +163,7 @@ def benchmark_inference(args, device) -> dict:
     source = (
         f"greedy policies of {args.load}"
         if args.load
-        else f"synthetic policies, each block kept with probability {args.keep_rate:g}"
+        else f"synthetic policies, each block kept with probability {args.keep_rate:.3g}"
     )
     return {
         "model": args.model,
@@ -245,11 +245,13 @@ def print_table(info: dict, training: bool) -> None:
     )
     if training:
         print(f"agent biased to keep about {info['keep_rate']:.3f} of the blocks (greedy)")
-        print(f"{'stage':>10} {'batch':>6} {'sparse img/s':>13} {'dense img/s':>12} {'speed-up':>9} {'blocks':>7}")
+        print(
+            f"{'stage':>10} {'batch':>6} {'sparse img/s':>13} {'dense img/s':>12} {'speed-up':>9} {'sampled blocks/img':>19}"
+        )
         for r in info["results"]:
             print(
                 f"{r['stage']:>10} {r['batch_size']:>6} {r['sparse']['images_per_s']:>13.1f} "
-                f"{r['dense']['images_per_s']:>12.1f} {r['speedup']:>9.2f} {r['sparse']['blocks_per_image']:>7.1f}"
+                f"{r['dense']['images_per_s']:>12.1f} {r['speedup']:>9.2f} {r['sparse']['blocks_per_image']:>19.1f}"
             )
         return
     print(
