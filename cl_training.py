@@ -44,6 +44,11 @@ def get_args_parser():
         action="store_true",
         help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
     )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
+    )
     return p
 
 
@@ -55,13 +60,14 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
     policies, rewards, matches = [], [], []
     for inputs, targets in tqdm(loader, desc="train", leave=False, dynamic_ncols=True):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        probs, _ = agent(inputs)  # (B, K)
-        policy_map, policy, distr = utils.sample_policy(probs, args.alpha)
+        with utils.autocast(device, args.amp):
+            probs, _ = agent(inputs)  # (B, K)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
         # Curriculum: the first K - decided blocks always run and take no part in the loss.
         policy_map[:, ~mask] = 1.0
         policy[:, ~mask] = 1.0
 
-        with torch.inference_mode():  # the ResNet is frozen
+        with torch.inference_mode(), utils.autocast(device, args.amp):  # the ResNet is frozen
             if args.dense:  # the original's computation: every block on every image, masked
                 preds_map, preds_sample = rnet.forward_masked(inputs, policy_map), rnet.forward_masked(inputs, policy)
             elif inputs.is_cuda:  # one pass over both policies: half the kernel launches
@@ -116,7 +122,9 @@ def main(args):
         print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
         utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, decided, dense=args.dense)
+            results = utils.evaluate(
+                rnet, agent, testloader, device, args.penalty, decided, dense=args.dense, amp=args.amp
+            )
             stats = utils.performance_stats(*results)
             print(utils.stats_line("TS - ", stats), flush=True)
             utils.log_stats(writer, "test", stats, epoch)

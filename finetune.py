@@ -42,6 +42,11 @@ def get_args_parser():
         action="store_true",
         help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
     )
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
+    )
     return p
 
 
@@ -52,13 +57,15 @@ def train_epoch(args, rnet, agent, loader, optimizer, device):
     policies, rewards, matches = [], [], []
     for inputs, targets in tqdm(loader, desc="train", leave=False, dynamic_ncols=True):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        probs, _ = agent(inputs)  # (B, K)
-        policy_map, policy, distr = utils.sample_policy(probs, args.alpha)
+        with utils.autocast(device, args.amp):
+            probs, _ = agent(inputs)  # (B, K)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
 
         forward = rnet.forward_masked if args.dense else rnet
-        with torch.no_grad():  # the greedy run is only the baseline of the advantage
-            preds_map = forward(inputs, policy_map)
-        preds_sample = forward(inputs, policy)
+        with utils.autocast(device, args.amp):
+            with torch.no_grad():  # the greedy run is only the baseline of the advantage
+                preds_map = forward(inputs, policy_map)
+            preds_sample = forward(inputs, policy).float()
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,)
@@ -105,7 +112,7 @@ def main(args):
         utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             stats = utils.performance_stats(
-                *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense)
+                *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
             )
             print(utils.stats_line("TS - ", stats), flush=True)
             utils.log_stats(writer, "test", stats, epoch)

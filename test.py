@@ -15,13 +15,18 @@ def get_args_parser():
     p = utils.make_parser("Profile a BlockDrop checkpoint with greedy policies.")
     p.add_argument("--load", default=None, help="BlockDrop checkpoint to profile (none: the full network)")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
+    )
     return p
 
 
-def profile(rnet, agent, loader, device, input_size, full: bool):
+def profile(rnet, agent, loader, device, input_size, full: bool, amp: bool = False):
     """Greedy (or full) policies over the loader; returns the four reported figures."""
     policy_fn = (lambda x: torch.ones(x.shape[0], rnet.num_blocks, device=x.device)) if full else None
-    policies, rewards, matches = utils.evaluate(rnet, agent, loader, device, -1.0, policy_fn=policy_fn)
+    policies, rewards, matches = utils.evaluate(rnet, agent, loader, device, -1.0, policy_fn=policy_fn, amp=amp)
     accuracy, _, sparsity, variance, policy_set = utils.performance_stats(policies, rewards, matches)
     # Per-image FLOPs: the policy network, the parts that always run, and the kept blocks.
     base, per_block = utils.block_flops(rnet, input_size)
@@ -39,7 +44,7 @@ def main(args):
     agent.to(device)
     spec = utils.model_spec(args.model)
     accuracy, sparsity, variance, flops, policy_set = profile(
-        rnet, agent, loader, device, spec.input_size, full=args.load is None
+        rnet, agent, loader, device, spec.input_size, full=args.load is None, amp=args.amp
     )
     print(f"Accuracy: {accuracy:.3f}")
     print(f"Block Usage: {sparsity:.3f} \u00b1 {variance:.3f}")

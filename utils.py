@@ -585,6 +585,11 @@ def log_stats(writer, split: str, stats, epoch: int) -> None:
         writer.add_scalar(f"{split}_{name}", value, epoch)
 
 
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled`` (``--amp``); a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
     """The agent's greedy policy (B, K): keep a block where its probability is at least 0.5."""
     probs, _ = agent(inputs)
@@ -593,13 +598,22 @@ def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def evaluate(
-    rnet, agent, loader, device, penalty: float, decided: int | None = None, policy_fn=None, dense: bool = False
+    rnet,
+    agent,
+    loader,
+    device,
+    penalty: float,
+    decided: int | None = None,
+    policy_fn=None,
+    dense: bool = False,
+    amp: bool = False,
 ):
     """Policies over a loader, in batches: (policies, rewards, matches) on the CPU.
 
     ``policy_fn(inputs) -> (B, K)`` chooses the policies; by default the agent's greedy ones. With
     ``decided`` set, the first K - decided blocks are forced on (curriculum learning). ``dense``
-    runs the original's masked form instead of the sparse one (same numbers, full cost).
+    runs the original's masked form instead of the sparse one (same numbers, full cost); ``amp``
+    runs both networks under bfloat16 autocast.
     """
     rnet.eval()
     agent.eval()
@@ -607,10 +621,11 @@ def evaluate(
     policies, rewards, matches = [], [], []
     for inputs, targets in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        policy = policy_fn(inputs)  # (B, K)
-        if decided is not None:
-            policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
-        preds = rnet.forward_masked(inputs, policy) if dense else rnet(inputs, policy)
+        with autocast(device, amp):
+            policy = policy_fn(inputs).float()  # (B, K)
+            if decided is not None:
+                policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
+            preds = (rnet.forward_masked(inputs, policy) if dense else rnet(inputs, policy)).float()
         reward, match = get_reward(preds, targets, policy, penalty)
         policies.append(policy.cpu())
         rewards.append(reward.cpu())

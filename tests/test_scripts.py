@@ -150,6 +150,18 @@ def test_test_py_on_a_finetuned_checkpoint(finetuned, workdir):
     assert lines[0] == f"Accuracy: {acc}"
 
 
+def test_amp_keeps_the_numbers_close(finetuned, workdir):
+    ckpt = checkpoints(workdir / "cv/ft")[-1]
+    lines = {}
+    for amp in ([], ["--amp"]):
+        result = run("test.py", "--model", "R20_C10", "--dummy", 48, "--load", f"cv/ft/{ckpt}", *amp, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        lines[bool(amp)] = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert abs(float(lines[True]["Accuracy"]) - float(lines[False]["Accuracy"])) <= 0.05
+    blocks = [float(lines[a]["Block Usage"].split()[0]) for a in (False, True)]
+    assert abs(blocks[0] - blocks[1]) <= 0.5
+
+
 def test_test_py_full_network_profile(tmp_path):
     (tmp_path / "data").mkdir()
     result = run("test.py", "--model", "R110_C10", "--dummy", 8, cwd=tmp_path)
