@@ -52,7 +52,11 @@ def get_args_parser():
     p.add_argument("--warmup", type=utils.non_negative_int, default=1, help="untimed runs first")
     p.add_argument("--threads", type=utils.positive_int, default=None, help="CPU threads (default: PyTorch's)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast precision")
-    p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="channels-last memory format (BlockDrop's gathered rows are contiguous copies: it pays for conversions)",
+    )
     p.add_argument("--masked", action="store_true", help="also time the original's masked form")
     p.add_argument("--training", action="store_true", help="time training epochs instead (sparse vs --dense)")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="--training: batch size")
@@ -281,6 +285,21 @@ def main(args):
     if args.keep_rate is None:
         args.keep_rate = 1 / 3
     spec = utils.model_spec(args.model)
+    if args.training:
+        unused = [
+            flag
+            for flag, on in (
+                ("--load", args.load),
+                ("--masked", args.masked),
+                ("--channels_last", args.channels_last),
+                ("--batch_sizes", args.batch_sizes),
+            )
+            if on
+        ]
+        if unused or args.precision == "fp16":
+            raise utils.UserError(
+                f"--training times fp32 or bf16 epochs; it takes no {(unused or ['--precision fp16'])[0]}"
+            )
     if args.batch_sizes is None:
         args.batch_sizes = [1, 32] if spec.imagenet else [1, 256]
     utils.set_seed(args.seed)

@@ -226,7 +226,9 @@ class Policy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = self.features.forward_full(self.prepare(x))  # (B, feat_dim)
-        probs = torch.sigmoid(self.logit(feats))  # (B, K)
+        # The sigmoid in float32 even under bfloat16 autocast: there, probabilities above about
+        # 0.998 would round to 1 and their logits would get no gradient at all.
+        probs = torch.sigmoid(self.logit(feats).float())  # (B, K)
         return probs, self.vnet(feats)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,8 @@ def test_bad_combinations_are_one_line_errors(capsys):
         (["--load", "x.t7", "--keep_rate", 0.5], "with --load the checkpoint's agent chooses them"),
         (["--precision", "fp16"], "--precision fp16 needs CUDA"),
         (["--training"], "--training runs on fake data"),
+        (["--training", "--dummy", 8, "--channels_last"], "it takes no --channels_last"),
+        (["--training", "--dummy", 8, "--masked"], "it takes no --masked"),
     ]:
         with pytest.raises(SystemExit) as e:
             run_benchmark(capsys, *FAST, *args)

@@ -180,6 +180,18 @@ def test_training_mode_gathers_rows_and_normalises_over_the_images_that_use_a_bl
     assert seen == [32]
 
 
+def test_saturated_keep_probabilities_still_learn_under_bfloat16_autocast():
+    """Under autocast the sigmoid stays in float32, so a logit of 8 still gets a gradient."""
+    agent = Policy32([1, 1, 1], num_blocks=9)
+    with torch.no_grad():
+        agent.logit.bias.fill_(8.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs, _ = agent(torch.randn(4, 3, 32, 32))
+    assert probs.dtype == torch.float32 and (probs < 1).all()
+    torch.log(probs).sum().backward()
+    assert (agent.logit.bias.grad != 0).all()
+
+
 def original_layout(state, imagenet):
     """Rename a flat state dict into the released files' layout: module.layer<N>.<k>.*"""
     out = {}
