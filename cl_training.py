@@ -62,6 +62,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
+        utils.check_finite(probs, "policy network's output")
         policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
         # Curriculum: the first K - decided blocks always run and take no part in the loss.
         policy_map[:, ~mask] = 1.0
@@ -84,6 +85,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
         bounded = distr.probs.clamp(1e-15, 1 - 1e-15)
         entropy = (-bounded * torch.log(bounded)).sum()
         loss = (loss.sum() - args.beta * entropy) / inputs.shape[0]
+        utils.check_finite(loss, "loss")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -59,6 +59,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
+        utils.check_finite(probs, "policy network's output")
         policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
 
         forward = rnet.forward_masked if args.dense else rnet
@@ -73,6 +74,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device):
         # As the original: the policy term is summed over the batch, the cross-entropy averaged.
         loss = (-distr.log_prob(policy).sum(1) * advantage).sum()
         loss = loss + F.cross_entropy(preds_sample, targets)
+        utils.check_finite(loss, "loss")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

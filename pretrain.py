@@ -110,6 +110,7 @@ def main(args):
             else:
                 logits = rnet.forward_full(inputs)
             loss = F.cross_entropy(logits, targets)
+            utils.check_finite(loss, "loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -590,6 +590,15 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def check_finite(value: torch.Tensor, what: str) -> None:
+    """Stop the run (a UserError) when ``value`` holds a NaN or an infinity; nothing is saved after it."""
+    if not bool(torch.isfinite(value).all()):
+        raise UserError(
+            f"the {what} became NaN or infinite: stopped before saving anything more, "
+            f"so the checkpoints already written are the last good ones (try a lower --lr)"
+        )
+
+
 def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
     """The agent's greedy policy (B, K): keep a block where its probability is at least 0.5."""
     probs, _ = agent(inputs)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,20 @@ def test_dense_runs_the_masked_form_with_the_same_numbers(curriculum, workdir):
     result = run("finetune.py", *FAKE, *args, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(rf"E: 0 \| {STATS}\nTS - {STATS}\n", result.stdout)
+
+
+def test_a_nan_stops_the_run_and_leaves_the_checkpoints_untouched(curriculum, workdir):
+    shutil.copytree(workdir / "cv/cl", workdir / "cv/cl_nan")
+    before = {f: (workdir / "cv/cl_nan" / f).read_bytes() for f in checkpoints(workdir / "cv/cl_nan")}
+    last = checkpoints(workdir / "cv/cl_nan")[-1]
+    args = ["--max_epochs", 2, "--cv_dir", "cv/cl_nan", "--load", f"cv/cl_nan/{last}", "--lr", 1e30]
+    result = run("cl_training.py", *FAKE, *args, cwd=workdir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "became NaN or infinite: stopped before saving anything more" in errors[0]
+    assert "Traceback" not in result.stderr
+    after = {f: (workdir / "cv/cl_nan" / f).read_bytes() for f in checkpoints(workdir / "cv/cl_nan")}
+    assert after == before
 
 
 @pytest.fixture(scope="module")
