@@ -255,12 +255,16 @@ def _kept(part: Path) -> str:
     return f"{size} bytes are kept in {part}: run the same command again to resume"
 
 
-def sha256_of(path: Path) -> str:
+def _sha256(f) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
+    while block := f.read(CHUNK):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _sha256(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,11 +301,8 @@ def _same_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> b
         return target.is_symlink() and os.readlink(target) == member.linkname
     if not target.is_file() or target.is_symlink() or target.stat().st_size != member.size:
         return False
-    digest = hashlib.sha256()
     with tar.extractfile(member) as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest() == sha256_of(target)
+        return _sha256(f) == sha256_of(target)
 
 
 def plan_unpack(tar: tarfile.TarFile, dest: Path) -> tuple[list[tarfile.TarInfo], int, list[Path]]:
@@ -399,8 +400,10 @@ def _check_archive(archive: Path) -> None:
 
 
 def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
-    """Unpack ``archive`` into ``dest``; returns (files written, files already there and identical)."""
-    _check_archive(archive)
+    """Unpack ``archive`` into ``dest``; returns (files written, files already there and identical).
+
+    ``archive`` must be intact (``download`` checks it; ``main`` checks one it did not download).
+    """
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -464,7 +467,8 @@ def main(args) -> None:
         raise UserError("unpacking safely needs tarfile's extraction filters: Python 3.10.12+, 3.11.4+ or 3.12+")
     archive = Path(args.archive)
     dest = Path(args.dest)
-    if archive.is_file():
+    downloaded = not archive.is_file()
+    if not downloaded:
         print(f"using {archive} (already here; delete it to download again)", flush=True)
     elif archive.exists():
         raise UserError(f"--archive {archive} exists and is not a file")
@@ -481,6 +485,8 @@ def main(args) -> None:
             f"{archive} has SHA-256 {digest}, not the expected {args.sha256}: nothing was unpacked "
             f"(delete it to download again)"
         )
+    if not downloaded:
+        _check_archive(archive)  # a downloaded one passed check_gzip already
     written, kept = unpack(archive, dest, args.overwrite)
     print(f"unpacked {written} file(s) into {dest}" + (f"; {kept} already there and identical" if kept else ""))
     try:

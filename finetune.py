@@ -31,22 +31,7 @@ def get_args_parser():
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
     p.add_argument("--parallel", action="store_true", default=False, help="multi-GPU training (not implemented yet)")
     p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
-    p.add_argument(
-        "--alpha", type=utils.probability, default=0.8, help="probability bound: p' = alpha*p + (1-alpha)*(1-p)"
-    )
-    p.add_argument(
-        "--eval_every", type=utils.positive_int, default=10, help="evaluate and save a checkpoint every N epochs"
-    )
-    p.add_argument(
-        "--dense",
-        action="store_true",
-        help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
-    )
-    p.add_argument(
-        "--amp",
-        action="store_true",
-        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
-    )
+    utils.add_policy_training_flags(p)
     return p
 
 

@@ -15,11 +15,7 @@ def get_args_parser():
     p = utils.make_parser("Profile a BlockDrop checkpoint with greedy policies.")
     p.add_argument("--load", default=None, help="BlockDrop checkpoint to profile (none: the full network)")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
-    p.add_argument(
-        "--amp",
-        action="store_true",
-        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
-    )
+    utils.add_amp_flag(p)
     return p
 
 

@@ -721,6 +721,26 @@ def make_parser(description: str) -> ArgumentParser:
     )
 
 
+def add_amp_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--amp",
+        action="store_true",
+        help="run the networks under bfloat16 autocast (losses and statistics stay in float32)",
+    )
+
+
+def add_policy_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that cl_training.py and finetune.py share after their own ones."""
+    p.add_argument("--alpha", type=probability, default=0.8, help="probability bound: p' = alpha*p + (1-alpha)*(1-p)")
+    p.add_argument("--eval_every", type=positive_int, default=10, help="evaluate and save a checkpoint every N epochs")
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
+    )
+    add_amp_flag(p)
+
+
 def get_device(name: str) -> torch.device:
     """The device of ``--device``, checked once."""
     if name == "auto":
