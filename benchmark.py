@@ -217,7 +217,9 @@ def benchmark_training(args, device) -> dict:
             rnet.to(device)
             agent.to(device)
             penalty = -1.0 if stage == "curriculum" else -5.0
-            ns = argparse.Namespace(alpha=0.8, penalty=penalty, beta=0.1, dense=dense, amp=args.precision == "bf16")
+            ns = argparse.Namespace(
+                alpha=0.8, penalty=penalty, beta=0.1, dense=dense, amp=args.precision == "bf16", seed=args.seed
+            )
             if stage == "curriculum":
                 for p in rnet.parameters():
                     p.requires_grad_(False)

@@ -7,8 +7,8 @@ At epoch e the agent decides only the last min(e // cl_step + 1, K) blocks; the 
 
 import torch
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
+import distributed
 import utils
 
 
@@ -25,7 +25,6 @@ def get_args_parser():
         "--max_epochs", type=utils.non_negative_int, default=10000, help="epochs to run (after the start epoch)"
     )
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
-    p.add_argument("--parallel", action="store_true", default=False, help="multi-GPU training (not implemented yet)")
     p.add_argument(
         "--cl_step",
         type=utils.positive_int,
@@ -34,21 +33,33 @@ def get_args_parser():
     )
     p.add_argument("--penalty", type=float, default=-1, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
+    utils.add_run_flags(
+        p,
+        "continue the run in --cv_dir from its last.t7 (written after every epoch): agent, optimizer, "
+        "learning rate, curriculum and random state, so that it ends as an uninterrupted run would; "
+        "starts a new run when there is none",
+    )
     return p
 
 
-def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
-    """One epoch of REINFORCE on the agent (paper, Eq. 6-8, with the curriculum mask)."""
+def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
+    """One epoch of REINFORCE on the agent (paper, Eq. 6-8, with the curriculum mask).
+
+    ``agent`` may be wrapped in DistributedDataParallel; ``rnet`` is frozen. Returns the epoch's
+    statistics over every process.
+    """
     agent.train()
     rnet.eval()
+    loader.sampler.set_epoch(epoch)
+    generator = utils.epoch_generator(args.seed, epoch, device)
     mask = utils.curriculum_mask(rnet.num_blocks, decided, device)  # (K,)
-    policies, rewards, matches = [], [], []
-    for inputs, targets in tqdm(loader, desc="train", leave=False, dynamic_ncols=True):
+    indices, policies, rewards, matches = [], [], [], []
+    for inputs, targets, index in utils.progress(loader, "train"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
         utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator)
         # Curriculum: the first K - decided blocks always run and take no part in the loss.
         policy_map[:, ~mask] = 1.0
         policy[:, ~mask] = 1.0
@@ -69,6 +80,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
         # One-sided entropy term of the original (not the full Bernoulli entropy).
         bounded = distr.probs.clamp(1e-15, 1 - 1e-15)
         entropy = (-bounded * torch.log(bounded)).sum()
+        # A mean over this process's images; DDP's average over processes makes it the batch mean.
         loss = (loss.sum() - args.beta * entropy) / inputs.shape[0]
         utils.check_finite(loss, "loss")
 
@@ -76,48 +88,76 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided):
         loss.backward()
         optimizer.step()
 
+        indices.append(index)
         policies.append(policy.cpu())
         rewards.append(reward_sample.cpu())
         matches.append(match.cpu())
-    return utils.performance_stats(policies, rewards, matches)
+    return utils.performance_stats(*distributed.collect(indices, policies, rewards, matches))
 
 
 def main(args):
-    utils.check_parallel(args)
-    device = utils.get_device(args.device)
-    utils.set_seed(args.seed)
-    rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy)
-    start_epoch = ckpt.get("epoch", -1) + 1
-    trainset, testset = utils.get_data(args)
-    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device)
+    device = utils.setup_run(args)
+    main_process = distributed.is_main()
+    resume = utils.load_resume(args, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+    with distributed.node_main_first():  # downloads once per node
+        rnet, agent, ckpt = utils.models_for_run(args.model, None if resume else args.load, args.dummy)
+        trainset, testset = utils.get_data(args)
+    first_epoch = ckpt.get("epoch", -1) + 1
+    start_epoch = first_epoch
+    if resume:
+        utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
+        first_epoch, start_epoch = int(resume["first_epoch"]), resume["epoch"] + 1
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
     testloader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
 
     rnet.to(device).eval()
     for p in rnet.parameters():
         p.requires_grad_(False)
-    agent.to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.lr, weight_decay=args.wd)
+    agent.vnet.requires_grad_(False)  # the value head takes no part in the loss
+    agent = distributed.prepare(agent).to(device)
+    optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.wd)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    trained = distributed.wrap(agent, device)
 
-    utils.write_run_info(args.cv_dir, args)
-    writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log")
+    writer = None
+    if main_process:
+        utils.write_run_info(args.cv_dir, args)
+        writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
     num_blocks = rnet.num_blocks
-    last_epoch = start_epoch + args.max_epochs
+    last_epoch = first_epoch + args.max_epochs
+    if resume:
+        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
         decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
-        stats = train_epoch(args, rnet, agent, trainloader, optimizer, device, decided)
-        print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
-        utils.log_stats(writer, "train", stats, epoch)
+        stats = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
+        if main_process:
+            print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
+            utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             results = utils.evaluate(
                 rnet, agent, testloader, device, args.penalty, decided, dense=args.dense, amp=args.amp
             )
             stats = utils.performance_stats(*results)
-            print(utils.stats_line("TS - ", stats), flush=True)
-            utils.log_stats(writer, "test", stats, epoch)
-            state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
-            utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
-    writer.close()
+            if main_process:
+                print(utils.stats_line("TS - ", stats), flush=True)
+                utils.log_stats(writer, "test", stats, epoch)
+                state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
+                utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
+        if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically
+            state = {
+                "agent": agent.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "first_epoch": first_epoch,
+                "args": utils.run_args(args),
+                "rng": utils.rng_state(),
+            }
+            utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+    if writer is not None:
+        writer.close()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

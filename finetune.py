@@ -7,8 +7,8 @@
 import torch
 import torch.nn.functional as F
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
+import distributed
 import utils
 
 
@@ -29,35 +29,47 @@ def get_args_parser():
         "--max_epochs", type=utils.non_negative_int, default=2000, help="epochs to run (after the start epoch)"
     )
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
-    p.add_argument("--parallel", action="store_true", default=False, help="multi-GPU training (not implemented yet)")
     p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
+    utils.add_run_flags(
+        p,
+        "continue the run in --cv_dir from its last.t7 (written after every epoch): ResNet, agent, "
+        "optimizer, learning rate and random state, so that it ends as an uninterrupted run would; "
+        "starts a new run when there is none",
+    )
     return p
 
 
-def train_epoch(args, rnet, agent, loader, optimizer, device):
-    """One epoch of joint training: REINFORCE on the agent plus cross-entropy on the ResNet."""
+def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
+    """One epoch of joint training: REINFORCE on the agent plus cross-entropy on the ResNet.
+
+    ``rnet`` and ``agent`` may be wrapped in DistributedDataParallel. Returns the epoch's
+    statistics over every process.
+    """
     agent.train()
     rnet.train()
-    policies, rewards, matches = [], [], []
-    for inputs, targets in tqdm(loader, desc="train", leave=False, dynamic_ncols=True):
+    loader.sampler.set_epoch(epoch)
+    generator = utils.epoch_generator(args.seed, epoch, device)
+    processes = distributed.world_size()
+    indices, policies, rewards, matches = [], [], [], []
+    for inputs, targets, index in utils.progress(loader, "train"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
         utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator)
 
-        forward = rnet.forward_masked if args.dense else rnet
         with utils.autocast(device, args.amp):
             with torch.no_grad():  # the greedy run is only the baseline of the advantage
-                preds_map = forward(inputs, policy_map)
-            preds_sample = forward(inputs, policy).float()
+                preds_map = rnet(inputs, policy_map, masked=args.dense)
+            preds_sample = rnet(inputs, policy, masked=args.dense).float()
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,)
 
         # As the original: the policy term is summed over the batch, the cross-entropy averaged.
-        loss = (-distr.log_prob(policy).sum(1) * advantage).sum()
+        # DDP averages the gradients over processes: the sum is scaled back by their number.
+        loss = (-distr.log_prob(policy).sum(1) * advantage).sum() * processes
         loss = loss + F.cross_entropy(preds_sample, targets)
         utils.check_finite(loss, "loss")
 
@@ -65,53 +77,87 @@ def train_epoch(args, rnet, agent, loader, optimizer, device):
         loss.backward()
         optimizer.step()
 
+        indices.append(index)
         policies.append(policy.cpu())
         rewards.append(reward_sample.cpu())
         matches.append(match.cpu())
-    return utils.performance_stats(policies, rewards, matches)
+    return utils.performance_stats(*distributed.collect(indices, policies, rewards, matches))
 
 
 def main(args):
-    utils.check_parallel(args)
-    device = utils.get_device(args.device)
-    utils.set_seed(args.seed)
-    rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, init_agent=args.pretrained is None)
-    if args.load is not None and "resnet" not in ckpt:
+    device = utils.setup_run(args)
+    main_process = distributed.is_main()
+    resume = utils.load_resume(args, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+    load = None if resume else args.load
+    with distributed.node_main_first():  # downloads once per node
+        rnet, agent, ckpt = utils.models_for_run(
+            args.model, load, args.dummy, init_agent=args.pretrained is None and not resume
+        )
+        trainset, testset = utils.get_data(args)
+    if load is not None and "resnet" not in ckpt:
         raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
-    if args.pretrained is not None and args.load is None:
+    if args.pretrained is not None and load is None and not resume:
         utils.load_agent(agent, args.pretrained, rnet.num_blocks)
-    start_epoch = ckpt.get("epoch", -1) + 1
-    trainset, testset = utils.get_data(args)
-    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device)
+    first_epoch = ckpt.get("epoch", -1) + 1
+    start_epoch = first_epoch
+    if resume:
+        utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
+        utils.load_weights_to_flatresnet(resume["resnet"], rnet)
+        first_epoch, start_epoch = int(resume["first_epoch"]), resume["epoch"] + 1
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
     testloader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
 
-    rnet.to(device)
-    agent.to(device)
-    optimizer = torch.optim.Adam(list(agent.parameters()) + list(rnet.parameters()), lr=args.lr, weight_decay=args.wd)
+    agent.vnet.requires_grad_(False)  # the value head takes no part in the loss
+    rnet = distributed.prepare(rnet).to(device)
+    agent = distributed.prepare(agent).to(device)
+    params = [p for p in list(agent.parameters()) + list(rnet.parameters()) if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+    trained_rnet, trained_agent = distributed.wrap(rnet, device), distributed.wrap(agent, device)
 
-    utils.write_run_info(args.cv_dir, args)
-    writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log")
-    last_epoch = start_epoch + args.max_epochs
+    writer = None
+    if main_process:
+        utils.write_run_info(args.cv_dir, args)
+        writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
+    last_epoch = first_epoch + args.max_epochs
+    if resume:
+        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
-        stats = train_epoch(args, rnet, agent, trainloader, optimizer, device)
-        print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
-        utils.log_stats(writer, "train", stats, epoch)
+        stats = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, device, epoch)
+        if main_process:
+            print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
+            utils.log_stats(writer, "train", stats, epoch)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             stats = utils.performance_stats(
                 *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
             )
-            print(utils.stats_line("TS - ", stats), flush=True)
-            utils.log_stats(writer, "test", stats, epoch)
+            if main_process:
+                print(utils.stats_line("TS - ", stats), flush=True)
+                utils.log_stats(writer, "test", stats, epoch)
+                state = {
+                    "agent": agent.state_dict(),
+                    "resnet": rnet.state_dict(),
+                    "epoch": epoch,
+                    "reward": stats[1],
+                    "acc": stats[0],
+                }
+                utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
+        if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically
             state = {
                 "agent": agent.state_dict(),
                 "resnet": rnet.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
-                "reward": stats[1],
-                "acc": stats[0],
+                "first_epoch": first_epoch,
+                "args": utils.run_args(args),
+                "rng": utils.rng_state(),
             }
-            utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
-    writer.close()
+            utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+    if writer is not None:
+        writer.close()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

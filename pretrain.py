@@ -6,12 +6,13 @@ The result, cv/pretrained/<MODEL>/pk_E_<epoch>_A_<acc>.t7, is where get_model fi
 """
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from tensorboardX import SummaryWriter
-from tqdm import tqdm
 
+import distributed
 import utils
 
 
@@ -37,7 +38,16 @@ def get_args_parser():
         "so that the base network tolerates dropped blocks (0: off)",
     )
     p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
-    p.add_argument("--load", default=None, help="pretraining checkpoint to resume from")
+    p.add_argument(
+        "--load",
+        default=None,
+        help="checkpoint to start from: a pk_E file of this script resumes its run, other files give initial weights",
+    )
+    utils.add_run_flags(
+        p,
+        "continue the run in the output folder from its newest pk_E file: weights, optimizer, schedule "
+        "and random state, so that it ends as an uninterrupted run would; starts a new run when there is none",
+    )
     return p
 
 
@@ -59,13 +69,25 @@ def lr_factor(args, steps_per_epoch: int):
 
 @torch.no_grad()
 def test_accuracy(rnet, loader, device) -> float:
+    """Accuracy of the full network over the loader (every process's share)."""
     rnet.eval()
-    correct = total = 0
-    for inputs, targets in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
+    indices, matches = [], []
+    for inputs, targets, index in utils.progress(loader, "test"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        correct += (rnet.forward_full(inputs).argmax(1) == targets).sum().item()
-        total += len(targets)
-    return correct / total
+        matches.append((rnet.forward_full(inputs).argmax(1) == targets).float().cpu())
+        indices.append(index)
+    (matches,) = distributed.collect(indices, matches)
+    return matches.mean().item()
+
+
+def newest_checkpoint(cv_dir: str) -> utils.Path | None:
+    """The pk_E file of ``cv_dir`` with the highest epoch (what ``--resume`` continues)."""
+    found = []
+    for path in utils.Path(cv_dir).glob("pk_E_*.t7"):
+        m = re.match(r"pk_E_(\d+)_", path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def main(args):
@@ -75,17 +97,19 @@ def main(args):
             f"{args.model}: pretrain.py trains CIFAR-style models; ImageNet models use torchvision's weights"
         )
     cv_dir = args.cv_dir or f"cv/pretrained/{args.model}/"
-    device = utils.get_device(args.device)
-    utils.set_seed(args.seed)
+    device = utils.setup_run(args)
+    main_process = distributed.is_main()
+    resume = utils.load_resume(args, newest_checkpoint(cv_dir))
     rnet, _ = utils.build_model(args.model)
-    ckpt = utils.load_file(args.load) if args.load else {}
+    ckpt = resume or (utils.load_file(args.load) if args.load else {})
     if ckpt:
         utils.load_weights_to_flatresnet(ckpt, rnet)
-    trainset, testset = utils.get_data(args)
-    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device)
+    with distributed.node_main_first():  # downloads once per node
+        trainset, testset = utils.get_data(args)
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
     testloader = utils.make_loader(testset, 256, False, args.workers, device)
 
-    rnet.to(device)
+    rnet = distributed.prepare(rnet).to(device)
     optimizer = torch.optim.SGD(
         rnet.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True
     )
@@ -95,20 +119,28 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = int(ckpt["epoch"])
+    trained = distributed.wrap(rnet, device)
 
-    utils.write_run_info(cv_dir, args)
-    writer = SummaryWriter(f"{cv_dir.rstrip('/')}/log")
-    previous = None  # the file this run wrote last; never the --load file
+    writer = None
+    if main_process:
+        utils.write_run_info(cv_dir, args)
+        writer = SummaryWriter(f"{cv_dir.rstrip('/')}/log", purge_step=start_epoch + 1 if resume else None)
+    # The file this run wrote last, deleted when a newer one is written; never a --load file.
+    previous = utils.Path(newest_checkpoint(cv_dir)) if resume else None
+    if resume:
+        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch + 1, args.epochs + 1):
-        rnet.train()
-        loss_sum = correct = seen = 0
-        for inputs, targets in tqdm(trainloader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True):
+        trained.train()
+        trainloader.sampler.set_epoch(epoch)
+        generator = utils.epoch_generator(args.seed, epoch, device)
+        loss_sum = correct = seen = 0.0
+        for inputs, targets, _ in utils.progress(trainloader, f"epoch {epoch}"):
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if args.drop_rate > 0:
-                keep = torch.rand(len(inputs), rnet.num_blocks, device=device) >= args.drop_rate  # (B, K)
-                logits = rnet(inputs, keep.float())
+                keep = distributed.uniform(generator, len(inputs), rnet.num_blocks) >= args.drop_rate  # (B, K)
+                logits = trained(inputs, keep.float())
             else:
-                logits = rnet.forward_full(inputs)
+                logits = trained(inputs, torch.ones(len(inputs), rnet.num_blocks, device=device))
             loss = F.cross_entropy(logits, targets)
             utils.check_finite(loss, "loss")
             optimizer.zero_grad(set_to_none=True)
@@ -118,7 +150,10 @@ def main(args):
             loss_sum += loss.item() * len(targets)
             correct += (logits.argmax(1) == targets).sum().item()
             seen += len(targets)
+        loss_sum, correct, seen = distributed.sum_over_processes([loss_sum, correct, seen], device)
         acc = test_accuracy(rnet, testloader, device)
+        if not main_process:
+            continue
         print(f"E: {epoch} | loss: {loss_sum / seen:.4f} | A: {correct / seen:.3f} | TS - A: {acc:.3f}", flush=True)
         writer.add_scalar("train_loss", loss_sum / seen, epoch)
         writer.add_scalar("train_accuracy", correct / seen, epoch)
@@ -130,6 +165,8 @@ def main(args):
             "model": args.model,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "args": utils.run_args(args),
+            "rng": utils.rng_state(),
         }
         path = utils.Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
         utils.save_checkpoint(state, path)
@@ -137,7 +174,9 @@ def main(args):
         if previous is not None and previous != path and previous.is_file():
             previous.unlink()
         previous = path
-    writer.close()
+    if writer is not None:
+        writer.close()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 from torch.distributions import Bernoulli
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import distributed
 from cli import ArgumentParser as ArgumentParser
 from cli import UserError as UserError
 from cli import drop_probability as drop_probability
@@ -232,6 +233,12 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def strip_prefix(state: dict, prefix: str = "module.") -> dict:
@@ -295,7 +302,7 @@ def _as_float(value) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
 
-def _load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
+def load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
     agent_state = ckpt.get("agent", ckpt.get("net"))
     if not isinstance(agent_state, dict):
         raise UserError(f"{path} is not a BlockDrop checkpoint: it has no 'agent' (keys: {', '.join(map(str, ckpt))})")
@@ -314,7 +321,7 @@ def _load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
 def load_agent(agent: Policy, path: str | os.PathLike, num_blocks: int) -> dict:
     """Load only the policy network of a BlockDrop checkpoint (``agent``, or legacy ``net``)."""
     ckpt = load_file(path)
-    _load_agent_state(agent, ckpt, path, num_blocks)
+    load_agent_state(agent, ckpt, path, num_blocks)
     return ckpt
 
 
@@ -358,7 +365,8 @@ def models_for_run(model: str, load: str | None = None, dummy: bool = False, ini
         except UserError as e:
             if not dummy:
                 raise
-            print(f"note: {e}; fake data, so {what} keeps random weights", file=sys.stderr, flush=True)
+            if distributed.is_main():
+                print(f"note: {e}; fake data, so {what} keeps random weights", file=sys.stderr, flush=True)
 
     if "resnet" not in ckpt:
         pretrained("the ResNet", lambda: load_pretrained_rnet(rnet, model))
@@ -503,33 +511,108 @@ def get_data(args) -> tuple[Dataset, Dataset]:
     return trainset, testset
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device) -> DataLoader:
-    """A DataLoader with pinned memory on CUDA."""
+def mix_seed(*numbers: int) -> int:
+    """One 63-bit seed from several integers (seed, epoch, image index, ...)."""
+    value = 0
+    for number in numbers:
+        value = (value * 1_000_003 + number) % (2**63 - 25)
+    return value
+
+
+class Indexed(Dataset):
+    """``dataset[i]`` as (input, target, i), with the random transforms seeded by (seed, epoch, i).
+
+    Keys are (epoch, i) pairs from ``EpochSampler``. Seeding each image makes its augmentation
+    independent of worker processes, of how many processes share the data and of restarts,
+    so that an interrupted and resumed run, or a run on several processes, sees the same images.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = torch.default_generator
+        saved = rng.get_state()  # torchvision's transforms draw from the global generator
+        rng.manual_seed(mix_seed(self.seed, epoch, index))
+        try:
+            inputs, target = self.dataset[index]
+        finally:
+            rng.set_state(saved)
+        return inputs, target, index
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler yielding (epoch, index): this process's share of a permutation of seed + epoch.
+
+    With one process it is the whole permutation; under ``--parallel`` process r takes positions
+    r, r + W, ... Call ``set_epoch`` before each epoch.
+    """
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, workers: int, device: torch.device, seed: int = 0
+) -> DataLoader:
+    """A loader of (inputs, targets, indices) batches over this process's share of ``dataset``.
+
+    ``batch_size`` counts the images of all processes together. Shuffled loaders (training)
+    reshuffle per epoch from ``seed`` + epoch and need ``batch_size`` to split evenly over the
+    processes; unshuffled ones (evaluation) keep the dataset's order. Memory is pinned on CUDA.
+    """
+    world = distributed.world_size()
+    if shuffle and batch_size % world:
+        raise UserError(f"--batch_size {batch_size} does not split evenly over {world} processes")
+    sampler = EpochSampler(dataset, num_replicas=world, rank=distributed.rank(), shuffle=shuffle, seed=seed)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        Indexed(dataset, seed),
+        batch_size=-(-batch_size // world),
+        sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds: the global generator stays untouched
     )
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator of an epoch's per-image random numbers, alike in every process and restart."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mix_seed(seed, epoch))
+    return generator
+
+
+def progress(iterable, desc: str):
+    """A tqdm bar over batches, shown by the main process only."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main())
 
 
 # ---------------------------------------------------------------------------------------------
 # Policies, rewards and statistics (paper, Sec. 3.2)
 
 
-def sample_policy(probs: torch.Tensor, alpha: float):
+def sample_policy(probs: torch.Tensor, alpha: float, generator: torch.Generator | None = None):
     """Greedy policy, bounded Bernoulli distribution and a policy sampled from it.
 
     ``probs`` (B, K) -> ``policy_map`` (B, K) = probs >= 0.5, ``distr`` over
-    p' = alpha * p + (1 - alpha) * (1 - p), and ``policy`` (B, K) ~ distr.
+    p' = alpha * p + (1 - alpha) * (1 - p), and ``policy`` (B, K) ~ distr. With a ``generator``
+    (``epoch_generator``) the samples come from ``distributed.uniform``: under ``--parallel``
+    each image gets the numbers it gets in a single process.
     """
     probs = probs.float()  # log-probabilities in float32
     policy_map = (probs >= 0.5).float()
     bounded = probs * alpha + (1 - probs) * (1 - alpha)
     distr = Bernoulli(bounded)
-    return policy_map, distr.sample(), distr
+    if generator is None:
+        return policy_map, distr.sample(), distr
+    u = distributed.uniform(generator, *probs.shape)
+    return policy_map, (u < bounded.detach()).float(), distr
 
 
 def get_reward(preds: torch.Tensor, targets: torch.Tensor, policy: torch.Tensor, penalty: float):
@@ -622,24 +705,29 @@ def evaluate(
     ``policy_fn(inputs) -> (B, K)`` chooses the policies; by default the agent's greedy ones. With
     ``decided`` set, the first K - decided blocks are forced on (curriculum learning). ``dense``
     runs the original's masked form instead of the sparse one (same numbers, full cost); ``amp``
-    runs both networks under bfloat16 autocast.
+    runs both networks under bfloat16 autocast. Batches of (inputs, targets, indices), as
+    ``make_loader`` gives, come back in dataset order, gathered from every process under
+    ``--parallel``; plain (inputs, targets) batches in the loader's order.
     """
     rnet.eval()
     agent.eval()
     policy_fn = policy_fn or (lambda x: greedy_policy(agent, x))
-    policies, rewards, matches = [], [], []
-    for inputs, targets in tqdm(loader, desc="test", leave=False, dynamic_ncols=True):
+    indices, policies, rewards, matches = [], [], [], []
+    seen = 0
+    for inputs, targets, *index in progress(loader, "test"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast(device, amp):
             policy = policy_fn(inputs).float()  # (B, K)
             if decided is not None:
                 policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
-            preds = (rnet.forward_masked(inputs, policy) if dense else rnet(inputs, policy)).float()
+            preds = rnet(inputs, policy, masked=dense).float()
         reward, match = get_reward(preds, targets, policy, penalty)
+        indices.append(index[0] if index else torch.arange(seen, seen + len(targets)))
+        seen += len(targets)
         policies.append(policy.cpu())
         rewards.append(reward.cpu())
         matches.append(match.cpu())
-    return torch.cat(policies), torch.cat(rewards), torch.cat(matches)
+    return distributed.collect(indices, policies, rewards, matches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -765,10 +853,106 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_parallel(args) -> None:
-    """``--parallel`` is not available yet: say so rather than silently train on one device."""
-    if getattr(args, "parallel", False):
-        raise UserError("--parallel is not implemented yet; train on one device (drop --parallel)")
+def rng_state() -> dict:
+    """Python's, NumPy's and PyTorch's random states, in types that ``weights_only`` loading reads."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``rng_state`` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+RESUME_FILE = "last.t7"
+# Flags that may change between an interrupted run and its resumption: they do not change the
+# numbers (--max_epochs may extend the run; --parallel gives the same numbers on W processes).
+RESUME_FREE_FLAGS = {
+    "resume",
+    "load",
+    "pretrained",
+    "max_epochs",
+    "workers",
+    "device",
+    "data_dir",
+    "cv_dir",
+    "eval_every",
+    "parallel",
+}
+
+
+def run_args(args) -> dict:
+    """The flags that fix a run's numbers, as a plain dict (stored in resumable checkpoints)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
+
+
+def check_resume_args(saved: dict, args, path) -> None:
+    """Refuse to resume ``path`` with flags that would change the numbers of the run."""
+    current = run_args(args)
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in changed)
+        now = ", ".join(f"--{k} {current.get(k)}" for k in changed)
+        raise UserError(
+            f"cannot resume {path}: it was written with {was}, this command has {now} "
+            f"(use the run's flags, or a new --cv_dir)"
+        )
+
+
+def load_resume(args, path: str | os.PathLike | None) -> dict | None:
+    """The resumable checkpoint for ``--resume`` (None: nothing to resume, a new run starts)."""
+    if not args.resume:
+        return None
+    if path is None or not Path(path).is_file():
+        if distributed.is_main():
+            print(f"--resume: nothing to resume in {args.cv_dir}; starting a new run", flush=True)
+        return None
+    state = load_file(path)
+    missing = [k for k in ("epoch", "optimizer", "args", "rng") if k not in state]
+    if missing:
+        raise UserError(f"cannot resume {path}: it has no {', '.join(missing)} (not a resumable checkpoint)")
+    check_resume_args(state["args"], args, path)
+    state["epoch"] = int(state["epoch"])
+    if distributed.is_main():
+        print(f"resuming {path}: epoch {state['epoch']} done", flush=True)
+    return state
+
+
+def add_run_flags(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--parallel`` and ``--resume``, shared by the three training scripts."""
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="train on several devices or nodes: one process per device, started by torchrun "
+        "(see the README); --batch_size counts all processes together",
+    )
+    p.add_argument("--resume", action="store_true", help=resume_help)
+
+
+def setup_run(args) -> torch.device:
+    """Device, process group (``--parallel``) and seeds of a training run."""
+    device = distributed.setup(args.parallel, get_device(args.device))
+    set_seed(args.seed)
+    return device
 
 
 def write_run_info(cv_dir: str | os.PathLike, args) -> None:

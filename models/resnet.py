@@ -62,7 +62,11 @@ class FlatResNet(nn.Module):
     # break even, groups of 1-4 run 1.5-2.5x slower).
     MIN_GROUP = 16
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
+    # Set by distributed.prepare under --parallel: every block runs (on no rows where no image
+    # keeps it), so that every process calls every BatchNorm layer in the same order.
+    uniform_graph = False
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor, masked: bool = False) -> torch.Tensor:
         """Per-image policies (B, K): block t runs only on the images whose policy keeps it.
 
         Two exact forms, chosen by the policies' statistics:
@@ -77,7 +81,12 @@ class FlatResNet(nn.Module):
           (groups of ``MIN_GROUP`` images or more), it avoids the scatters and keeps each group's
           activations in cache. Only in eval mode, where BatchNorm uses its running statistics, so
           both forms give the masked form's numbers.
+
+        ``masked=True`` runs ``forward_masked`` instead (through this entry point, so that
+        DistributedDataParallel sees the call).
         """
+        if masked:
+            return self.forward_masked(x, policy)
         if policy.shape != (x.shape[0], self.num_blocks):
             raise ValueError(f"policy shape {tuple(policy.shape)}, expected {(x.shape[0], self.num_blocks)}")
         keep = policy.bool()  # (B, K)
@@ -89,14 +98,15 @@ class FlatResNet(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         counts = keep.sum(0).tolist()  # blocks kept per column, one host sync
+        uniform = self.uniform_graph and self.training  # eval-mode BatchNorm needs no other process
         x = self.seed(x)
         batch = x.shape[0]
         for t, segment, k in self.block_positions():
             residual = self.ds[segment](x) if k == 0 else x
             block = self.blocks[segment][k]
-            if counts[t] == batch:
+            if counts[t] == batch and not uniform:
                 x = F.relu(residual + block(x))
-            elif counts[t] == 0:
+            elif counts[t] == 0 and not uniform:
                 x = residual
             else:
                 rows = keep[:, t].nonzero().squeeze(1)  # (n,)

@@ -210,7 +210,9 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
         run("cl_training.py", "--model", "R20_C10", "--data_dir", "nowhere/", "--cv_dir", out, cwd=workdir),
         "data directory nowhere/ does not exist",
     )
-    assert_one_line_error(run("cl_training.py", *common, "--parallel", cwd=workdir), "--parallel is not implemented")
+    assert_one_line_error(
+        run("cl_training.py", *common, "--parallel", cwd=workdir), "started by torchrun: torchrun --standalone"
+    )
     assert_one_line_error(
         run("finetune.py", *common, "--load", other, cwd=workdir), "has no 'resnet': to start from a curriculum"
     )
