@@ -53,13 +53,14 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
     loader.sampler.set_epoch(epoch)
     generator = utils.epoch_generator(args.seed, epoch, device)
     mask = utils.curriculum_mask(rnet.num_blocks, decided, device)  # (K,)
+    processes = distributed.world_size()
     indices, policies, rewards, matches = [], [], [], []
-    for inputs, targets, index in utils.progress(loader, "train"):
+    for inputs, targets, index, batch_size in utils.global_batches(loader, "train"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
         utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator, batch_size)
         # Curriculum: the first K - decided blocks always run and take no part in the loss.
         policy_map[:, ~mask] = 1.0
         policy[:, ~mask] = 1.0
@@ -80,8 +81,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
         # One-sided entropy term of the original (not the full Bernoulli entropy).
         bounded = distr.probs.clamp(1e-15, 1 - 1e-15)
         entropy = (-bounded * torch.log(bounded)).sum()
-        # A mean over this process's images; DDP's average over processes makes it the batch mean.
-        loss = (loss.sum() - args.beta * entropy) / inputs.shape[0]
+        # The batch mean: DDP averages the processes' gradients, hence the factor.
+        loss = (loss.sum() - args.beta * entropy) * processes / batch_size
         utils.check_finite(loss, "loss")
 
         optimizer.zero_grad(set_to_none=True)
@@ -98,13 +99,20 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
 def main(args):
     device = utils.setup_run(args)
     main_process = distributed.is_main()
-    resume = utils.load_resume(args, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+    resume = utils.load_resume(args, args.cv_dir)
     with distributed.node_main_first():  # downloads once per node
-        rnet, agent, ckpt = utils.models_for_run(args.model, None if resume else args.load, args.dummy)
+        # A resumed run builds the frozen ResNet as the run did (the same --load), then checks it.
+        rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy)
         trainset, testset = utils.get_data(args)
+    resnet_digest = utils.state_digest(rnet)
     first_epoch = ckpt.get("epoch", -1) + 1
     start_epoch = first_epoch
     if resume:
+        if resume.get("resnet_digest") != resnet_digest:
+            raise utils.UserError(
+                f"cannot resume {args.cv_dir}: the frozen ResNet is not the one the run started with "
+                "(its base model file changed, or --load differs)"
+            )
         utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
         first_epoch, start_epoch = int(resume["first_epoch"]), resume["epoch"] + 1
     trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
@@ -122,7 +130,7 @@ def main(args):
 
     writer = None
     if main_process:
-        utils.write_run_info(args.cv_dir, args)
+        utils.write_run_info(args.cv_dir, args, start_epoch if resume else None)
         writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
     num_blocks = rnet.num_blocks
     last_epoch = first_epoch + args.max_epochs
@@ -135,6 +143,7 @@ def main(args):
         if main_process:
             print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
             utils.log_stats(writer, "train", stats, epoch)
+        utils.check_finite_weights(agent)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             results = utils.evaluate(
                 rnet, agent, testloader, device, args.penalty, decided, dense=args.dense, amp=args.amp
@@ -151,8 +160,8 @@ def main(args):
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "first_epoch": first_epoch,
-                "args": utils.run_args(args),
-                "rng": utils.rng_state(),
+                "resnet_digest": resnet_digest,
+                **utils.resume_record(args),
             }
             utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
     if writer is not None:

@@ -4,12 +4,21 @@ Bad input is a ``UserError``: ``run`` prints it as one line on stderr and exits 
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable
 
 
 class UserError(Exception):
-    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+    """Bad input from the user: the scripts print it as one line and exit with code 2.
+
+    ``every_process``: under torchrun, a problem of this process alone (e.g. its GPU), printed by
+    it rather than only by the first process of its node.
+    """
+
+    def __init__(self, message: str, every_process: bool = False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,10 +53,15 @@ fraction = _typed(lambda v: 0 <= v <= 1, float, "a number in [0, 1]")
 def run(
     main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Iterable[str] | None = None
 ):
-    """Parse the command line and run ``main``; a UserError becomes one line on stderr and exit code 2."""
+    """Parse the command line and run ``main``; a UserError becomes one line on stderr and exit code 2.
+
+    Under torchrun the first process of each node prints it (the others hit the same error), unless
+    the error is the process's own (``every_process``).
+    """
     args = parser.parse_args(argv)
     try:
         return main(args)
     except UserError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0" or e.every_process:
+            print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)

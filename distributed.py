@@ -4,15 +4,17 @@ One process per device (NCCL on CUDA, Gloo on CPU), started by ``torchrun``; pro
 ``W`` takes positions r, r + W, r + 2W, ... of every batch, which is how DistributedSampler
 interleaves a permutation. A W-process run is the 1-process run split up, not an approximation:
 
-- ``--batch_size`` is the batch of all processes together; each process runs 1/W of it.
+- ``--batch_size`` is the batch of all processes together; each process runs 1/W of it. No image
+  is repeated to even out the shares: where the last batch has fewer images than there are
+  processes, the processes without one take an empty step (``utils.global_batches``).
 - Random numbers drawn per image (sampled policies, stochastic depth) come from a generator that
   every process seeds alike; each draws the whole batch's numbers and keeps its own rows
   (``uniform``), so image i gets the same numbers whatever W is.
 - BatchNorm in training mode normalises over the images of every process (``GlobalBatchNorm2d``).
-- DistributedDataParallel averages the gradients; the scripts scale their losses so that the
-  average is the 1-process gradient.
-- Statistics are gathered from every process and ordered by dataset index, with the images that
-  DistributedSampler repeats to even out the shares counted once (``collect``).
+- DistributedDataParallel averages the gradients; the scripts scale their losses (the sum over
+  this process's images, times W, over the batch's size) so that the average is the 1-process
+  gradient, whatever the shares.
+- Statistics are gathered from every process and ordered by dataset index (``collect``).
 
 So a 2-process run prints the 1-process run's statistics, up to float rounding.
 """
@@ -44,8 +46,8 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def _launch_hint() -> str:
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def _launch_hint(device: torch.device) -> str:
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     procs = gpus if gpus > 0 else "NUM_PROCESSES"
     return f"torchrun --standalone --nproc_per_node={procs} {shlex.join(sys.argv)}"
 
@@ -64,7 +66,7 @@ def setup(parallel: bool, device: torch.device) -> torch.device:
             )
         return device
     if not launched:
-        raise UserError(f"--parallel runs one process per device, started by torchrun: {_launch_hint()}")
+        raise UserError(f"--parallel runs one process per device, started by torchrun: {_launch_hint(device)}")
     local_rank = int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         if device.index is not None:
@@ -72,7 +74,8 @@ def setup(parallel: bool, device: torch.device) -> torch.device:
         if local_rank >= torch.cuda.device_count():
             raise UserError(
                 f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                "start at most that many processes per node (--nproc_per_node)"
+                "start at most that many processes per node (--nproc_per_node)",
+                every_process=True,
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -114,13 +117,22 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def uniform(generator: torch.Generator, rows: int, cols: int) -> torch.Tensor:
-    """(rows, cols) uniform numbers for this process's rows of the whole batch.
+    """Uniform numbers for this process's images of a batch of ``rows`` images (all processes).
 
-    Every process draws the numbers of the whole batch (W * rows rows) from a generator seeded
+    Every process draws the (rows, cols) numbers of the whole batch from a generator seeded
     alike, and keeps rows r, r + W, ...: the numbers a single process draws for those images.
     """
-    w = world_size()
-    return torch.rand(rows * w, cols, generator=generator, device=generator.device)[rank() :: w]
+    u = torch.rand(rows, cols, generator=generator, device=generator.device)
+    return u[rank() :: world_size()]
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true in any process."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def collect(indices, *columns) -> tuple[torch.Tensor, ...]:
@@ -132,13 +144,19 @@ def collect(indices, *columns) -> tuple[torch.Tensor, ...]:
     idx = torch.cat(list(indices)).long()
     cols = [torch.cat(list(c)) for c in columns]
     if world_size() > 1:
-        # One collective: the columns packed into float64 (exact for indices and 0/1 policies).
+        # One collective: the columns packed into float64 (exact for indices and 0/1 policies),
+        # each share padded to the longest with index -1.
         flat = [c.reshape(len(idx), -1) for c in cols]
         packed = torch.cat([idx.double()[:, None]] + [c.double() for c in flat], dim=1)
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        parts = [torch.empty_like(packed, device=device) for _ in range(world_size())]
-        dist.all_gather(parts, packed.to(device))  # every share has the same length (padding)
+        longest = torch.tensor([len(idx)], device=device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        padded = torch.full((int(longest.item()), packed.shape[1]), -1.0, dtype=torch.float64, device=device)
+        padded[: len(idx)] = packed.to(device)
+        parts = [torch.empty_like(padded) for _ in range(world_size())]
+        dist.all_gather(parts, padded)
         packed = torch.cat(parts).cpu()
+        packed = packed[packed[:, 0] >= 0]
         idx = packed[:, 0].long()
         widths = [f.shape[1] for f in flat]
         pieces = packed[:, 1:].split(widths, dim=1)
@@ -146,7 +164,7 @@ def collect(indices, *columns) -> tuple[torch.Tensor, ...]:
     order = idx.argsort(stable=True)
     idx = idx[order]
     first = torch.ones_like(idx, dtype=torch.bool)
-    first[1:] = idx[1:] != idx[:-1]  # DistributedSampler repeats a few images to even out shares
+    first[1:] = idx[1:] != idx[:-1]  # an image listed twice counts once
     return tuple(c[order][first] for c in cols)
 
 
@@ -194,12 +212,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         tracked = self.running_mean is not None
         shift = self.running_mean.detach().float().view(1, c, 1, 1) if tracked else x.new_zeros(1, c, 1, 1).float()
         d = xf - shift
-        count = torch.full((1,), x.numel() // max(c, 1), dtype=torch.float32, device=x.device)
-        sums = _SumOverProcesses.apply(torch.cat([count, d.sum((0, 2, 3)), (d * d).sum((0, 2, 3))]))
+        count = torch.full((1,), x.numel() // max(c, 1), dtype=torch.float64, device=x.device)
+        # float64: counts above 2**24 and long sums stay exact enough
+        sums = _SumOverProcesses.apply(torch.cat([count, d.sum((0, 2, 3)).double(), (d * d).sum((0, 2, 3)).double()]))
         n, s1, s2 = sums[0], sums[1 : c + 1], sums[c + 1 :]
         mean_d = s1 / n.clamp(min=1)
-        var = (s2 / n.clamp(min=1) - mean_d * mean_d).clamp(min=0)  # biased, as BatchNorm normalises
-        mean = shift.view(c) + mean_d
+        var = (s2 / n.clamp(min=1) - mean_d * mean_d).clamp(min=0).float()  # biased, as BatchNorm normalises
+        mean = shift.view(c) + mean_d.float()
         if tracked:
             self._update_running_stats(n, mean.detach(), var.detach())
         y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
@@ -216,7 +235,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             factor = used.float() / self.num_batches_tracked.clamp(min=1).float()
         else:
             factor = used.float() * self.momentum
-        unbiased = var * n / (n - 1).clamp(min=1)
+        unbiased = var * (n / (n - 1).clamp(min=1)).float()
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 

@@ -52,12 +52,12 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
     generator = utils.epoch_generator(args.seed, epoch, device)
     processes = distributed.world_size()
     indices, policies, rewards, matches = [], [], [], []
-    for inputs, targets, index in utils.progress(loader, "train"):
+    for inputs, targets, index, batch_size in utils.global_batches(loader, "train"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with utils.autocast(device, args.amp):
             probs, _ = agent(inputs)  # (B, K)
         utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator)
+        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator, batch_size)
 
         with utils.autocast(device, args.amp):
             with torch.no_grad():  # the greedy run is only the baseline of the advantage
@@ -68,9 +68,9 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
         advantage = reward_sample - reward_map  # (B,)
 
         # As the original: the policy term is summed over the batch, the cross-entropy averaged.
-        # DDP averages the gradients over processes: the sum is scaled back by their number.
+        # DDP averages the processes' gradients, hence the factors.
         loss = (-distr.log_prob(policy).sum(1) * advantage).sum() * processes
-        loss = loss + F.cross_entropy(preds_sample, targets)
+        loss = loss + F.cross_entropy(preds_sample, targets, reduction="sum") * processes / batch_size
         utils.check_finite(loss, "loss")
 
         optimizer.zero_grad(set_to_none=True)
@@ -87,16 +87,17 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
 def main(args):
     device = utils.setup_run(args)
     main_process = distributed.is_main()
-    resume = utils.load_resume(args, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
-    load = None if resume else args.load
+    resume = utils.load_resume(args, args.cv_dir)
     with distributed.node_main_first():  # downloads once per node
-        rnet, agent, ckpt = utils.models_for_run(
-            args.model, load, args.dummy, init_agent=args.pretrained is None and not resume
-        )
+        if resume:  # the ResNet and the agent come from last.t7
+            (rnet, agent), ckpt = utils.build_model(args.model), {}
+        else:
+            init_agent = args.pretrained is None
+            rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, init_agent=init_agent)
         trainset, testset = utils.get_data(args)
-    if load is not None and "resnet" not in ckpt:
+    if args.load is not None and not resume and "resnet" not in ckpt:
         raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
-    if args.pretrained is not None and load is None and not resume:
+    if args.pretrained is not None and args.load is None and not resume:
         utils.load_agent(agent, args.pretrained, rnet.num_blocks)
     first_epoch = ckpt.get("epoch", -1) + 1
     start_epoch = first_epoch
@@ -118,7 +119,7 @@ def main(args):
 
     writer = None
     if main_process:
-        utils.write_run_info(args.cv_dir, args)
+        utils.write_run_info(args.cv_dir, args, start_epoch if resume else None)
         writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
     last_epoch = first_epoch + args.max_epochs
     if resume:
@@ -129,6 +130,7 @@ def main(args):
         if main_process:
             print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
             utils.log_stats(writer, "train", stats, epoch)
+        utils.check_finite_weights(agent, rnet)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             stats = utils.performance_stats(
                 *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
@@ -151,8 +153,7 @@ def main(args):
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "first_epoch": first_epoch,
-                "args": utils.run_args(args),
-                "rng": utils.rng_state(),
+                **utils.resume_record(args),
             }
             utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
     if writer is not None:

@@ -6,7 +6,6 @@ The result, cv/pretrained/<MODEL>/pk_E_<epoch>_A_<acc>.t7, is where get_model fi
 """
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -80,16 +79,6 @@ def test_accuracy(rnet, loader, device) -> float:
     return matches.mean().item()
 
 
-def newest_checkpoint(cv_dir: str) -> utils.Path | None:
-    """The pk_E file of ``cv_dir`` with the highest epoch (what ``--resume`` continues)."""
-    found = []
-    for path in utils.Path(cv_dir).glob("pk_E_*.t7"):
-        m = re.match(r"pk_E_(\d+)_", path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
-
-
 def main(args):
     spec = utils.model_spec(args.model)
     if spec.imagenet:
@@ -99,7 +88,7 @@ def main(args):
     cv_dir = args.cv_dir or f"cv/pretrained/{args.model}/"
     device = utils.setup_run(args)
     main_process = distributed.is_main()
-    resume = utils.load_resume(args, newest_checkpoint(cv_dir))
+    resume = utils.load_resume(args, cv_dir)
     rnet, _ = utils.build_model(args.model)
     ckpt = resume or (utils.load_file(args.load) if args.load else {})
     if ckpt:
@@ -113,9 +102,10 @@ def main(args):
     optimizer = torch.optim.SGD(
         rnet.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd, nesterov=True
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, len(trainloader)))
+    steps_per_epoch = -(-len(trainset) // args.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, steps_per_epoch))
     start_epoch = 0
-    if "optimizer" in ckpt:  # a pretrain.py file: resume; other files only give initial weights
+    if "optimizer" in ckpt:  # last.t7 or a pk_E file: continue; other files only give initial weights
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         start_epoch = int(ckpt["epoch"])
@@ -123,37 +113,40 @@ def main(args):
 
     writer = None
     if main_process:
-        utils.write_run_info(cv_dir, args)
+        utils.write_run_info(cv_dir, args, start_epoch + 1 if resume else None)
         writer = SummaryWriter(f"{cv_dir.rstrip('/')}/log", purge_step=start_epoch + 1 if resume else None)
-    # The file this run wrote last, deleted when a newer one is written; never a --load file.
-    previous = utils.Path(newest_checkpoint(cv_dir)) if resume else None
+    # The base-model file this run wrote last, deleted when a newer one is written; never a --load file.
+    previous = utils.Path(cv_dir) / resume["checkpoint"] if resume else None
     if resume:
         utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch + 1, args.epochs + 1):
         trained.train()
         trainloader.sampler.set_epoch(epoch)
         generator = utils.epoch_generator(args.seed, epoch, device)
-        loss_sum = correct = seen = 0.0
-        for inputs, targets, _ in utils.progress(trainloader, f"epoch {epoch}"):
+        loss_sum = correct = 0.0
+        for inputs, targets, _, batch_size in utils.global_batches(trainloader, f"epoch {epoch}"):
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if args.drop_rate > 0:
-                keep = distributed.uniform(generator, len(inputs), rnet.num_blocks) >= args.drop_rate  # (B, K)
-                logits = trained(inputs, keep.float())
+                keep = distributed.uniform(generator, batch_size, rnet.num_blocks) >= args.drop_rate  # (B, K)
             else:
-                logits = trained(inputs, torch.ones(len(inputs), rnet.num_blocks, device=device))
-            loss = F.cross_entropy(logits, targets)
+                keep = torch.ones(len(inputs), rnet.num_blocks, device=device, dtype=torch.bool)
+            logits = trained(inputs, keep.float())
+            # The batch mean: DDP averages the processes' gradients, hence the factor.
+            loss_total = F.cross_entropy(logits, targets, reduction="sum")
+            loss = loss_total * distributed.world_size() / batch_size
             utils.check_finite(loss, "loss")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.item() * len(targets)
+            loss_sum += loss_total.item()
             correct += (logits.argmax(1) == targets).sum().item()
-            seen += len(targets)
-        loss_sum, correct, seen = distributed.sum_over_processes([loss_sum, correct, seen], device)
+        loss_sum, correct = distributed.sum_over_processes([loss_sum, correct], device)
         acc = test_accuracy(rnet, testloader, device)
+        utils.check_finite_weights(rnet)
         if not main_process:
             continue
+        seen = len(trainset)
         print(f"E: {epoch} | loss: {loss_sum / seen:.4f} | A: {correct / seen:.3f} | TS - A: {acc:.3f}", flush=True)
         writer.add_scalar("train_loss", loss_sum / seen, epoch)
         writer.add_scalar("train_accuracy", correct / seen, epoch)
@@ -165,8 +158,6 @@ def main(args):
             "model": args.model,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "args": utils.run_args(args),
-            "rng": utils.rng_state(),
         }
         path = utils.Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
         utils.save_checkpoint(state, path)
@@ -174,6 +165,9 @@ def main(args):
         if previous is not None and previous != path and previous.is_file():
             previous.unlink()
         previous = path
+        # Last: a run killed before this point repeats the epoch, identically.
+        resumable = {**state, "checkpoint": path.name, **utils.resume_record(args)}
+        utils.save_checkpoint(resumable, utils.Path(cv_dir) / utils.RESUME_FILE)
     if writer is not None:
         writer.close()
     distributed.cleanup()

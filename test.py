@@ -2,45 +2,64 @@
 
     python test.py --model R110_C10 --load cv/finetuned/R110_C10_gamma_10/ckpt_E_2000_A_0.936_R_1.95E-01_S_16.93_#_469.t7
 
-Without --load every block runs (the full network's profile, policy network included).
+Without --load every block runs (the full network's profile, policy network included). The
+baselines --policy first_k/random_k --k K and --policy full run the ResNet without the policy
+network, so that BlockDrop can be compared with them at the same number of blocks.
 """
 
 import numpy as np
-import torch
 
 import utils
 
+POLICIES = ("agent", "full", "first_k", "random_k")
+
 
 def get_args_parser():
-    p = utils.make_parser("Profile a BlockDrop checkpoint with greedy policies.")
+    p = utils.make_parser("Profile a BlockDrop checkpoint with greedy policies, or a baseline policy.")
     p.add_argument("--load", default=None, help="BlockDrop checkpoint to profile (none: the full network)")
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="agent",
+        help="agent: the checkpoint's greedy policies (without --load every block, policy network counted, "
+        "as the original); full: every block, no policy network; first_k: the first K blocks; "
+        "random_k: K blocks drawn per image (fixed by --seed). Baselines use --load's ResNet if it has one",
+    )
+    p.add_argument("--k", type=utils.non_negative_int, default=None, help="blocks kept by first_k and random_k")
     utils.add_amp_flag(p)
     return p
 
 
-def profile(rnet, agent, loader, device, input_size, full: bool, amp: bool = False):
-    """Greedy (or full) policies over the loader; returns the four reported figures."""
-    policy_fn = (lambda x: torch.ones(x.shape[0], rnet.num_blocks, device=x.device)) if full else None
-    policies, rewards, matches = utils.evaluate(rnet, agent, loader, device, -1.0, policy_fn=policy_fn, amp=amp)
-    accuracy, _, sparsity, variance, policy_set = utils.performance_stats(policies, rewards, matches)
-    # Per-image FLOPs: the policy network, the parts that always run, and the kept blocks.
-    base, per_block = utils.block_flops(rnet, input_size)
-    flops = utils.policy_flops(agent, input_size) + base + policies.double() @ per_block  # (N,)
-    return accuracy, sparsity, variance, flops.numpy(), policy_set
+def check_policy_args(args, num_blocks: int) -> None:
+    if args.policy in ("first_k", "random_k"):
+        if args.k is None:
+            raise utils.UserError(f"--policy {args.policy} needs --k K (the number of blocks to keep)")
+        if args.k > num_blocks:
+            raise utils.UserError(f"--k {args.k}: {args.model} has {num_blocks} blocks")
+    elif args.k is not None:
+        raise utils.UserError(f"--k applies to --policy first_k and random_k, not {args.policy}")
 
 
 def main(args):
     device = utils.get_device(args.device)
     utils.set_seed(args.seed)
+    spec = utils.model_spec(args.model)
+    check_policy_args(args, spec.num_blocks)
     rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
     _, testset = utils.get_data(args)
     loader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
     rnet.to(device)
     agent.to(device)
-    spec = utils.model_spec(args.model)
-    accuracy, sparsity, variance, flops, policy_set = profile(
-        rnet, agent, loader, device, spec.input_size, full=args.load is None, amp=args.amp
+    if args.policy == "agent":
+        full = args.load is None  # the original's profile of the full network: the agent keeps every block
+        policy_fn = utils.baseline_policy("full", rnet.num_blocks) if full else None
+        count_agent = True
+    else:
+        policy_fn = utils.baseline_policy(args.policy, rnet.num_blocks, args.k, args.seed)
+        count_agent = False
+    accuracy, sparsity, variance, flops, policy_set = utils.profile(
+        rnet, agent, loader, device, spec.input_size, policy_fn, count_agent, amp=args.amp
     )
     print(f"Accuracy: {accuracy:.3f}")
     print(f"Block Usage: {sparsity:.3f} \u00b1 {variance:.3f}")

@@ -6,6 +6,7 @@ Public API kept from the original code: ``get_model``, ``get_dataset``, ``get_tr
 
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -411,8 +412,15 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]  # fmt: skip
+
+
 class IdxImages(Dataset):
     """Grey images and labels read from a pair of IDX files (Fashion-MNIST's own format)."""
+
+    classes = FASHION_MNIST_CLASSES
 
     def __init__(self, images: Path, labels: Path, transform: Callable | None = None):
         self.images = _read_idx(images)  # (N, 28, 28) uint8
@@ -512,11 +520,14 @@ def get_data(args) -> tuple[Dataset, Dataset]:
 
 
 def mix_seed(*numbers: int) -> int:
-    """One 63-bit seed from several integers (seed, epoch, image index, ...)."""
-    value = 0
+    """One 63-bit seed from several integers (seed, epoch, image index, ...), well mixed (SplitMix64)."""
+    value = 0x9E3779B97F4A7C15
     for number in numbers:
-        value = (value * 1_000_003 + number) % (2**63 - 25)
-    return value
+        value = (value ^ (number & 0xFFFFFFFFFFFFFFFF)) + 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        value = (value ^ (value >> 30)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value = (value ^ (value >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value >> 1
 
 
 class Indexed(Dataset):
@@ -547,14 +558,27 @@ class Indexed(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler yielding (epoch, index): this process's share of a permutation of seed + epoch.
+    """DistributedSampler yielding (epoch, index), without its padding.
 
-    With one process it is the whole permutation; under ``--parallel`` process r takes positions
-    r, r + W, ... Call ``set_epoch`` before each epoch.
+    Each epoch permutes the dataset from seed + epoch (as DistributedSampler does) and process r
+    takes positions r, r + W, r + 2W, ...: with one process the whole permutation. Unlike
+    DistributedSampler no image is repeated to even out the shares, so that W processes train on
+    exactly the images one process trains on (``global_batches`` evens out the steps instead).
+    Call ``set_epoch`` before each epoch.
     """
 
     def __iter__(self):
-        return ((self.epoch, i) for i in super().__iter__())
+        n = len(self.dataset)
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+        else:
+            order = list(range(n))
+        return ((self.epoch, i) for i in order[self.rank :: self.num_replicas])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def make_loader(
@@ -564,7 +588,8 @@ def make_loader(
 
     ``batch_size`` counts the images of all processes together. Shuffled loaders (training)
     reshuffle per epoch from ``seed`` + epoch and need ``batch_size`` to split evenly over the
-    processes; unshuffled ones (evaluation) keep the dataset's order. Memory is pinned on CUDA.
+    processes, so that each global batch is the one a single process would take; unshuffled
+    ones (evaluation) keep the dataset's order. Memory is pinned on CUDA.
     """
     world = distributed.world_size()
     if shuffle and batch_size % world:
@@ -579,6 +604,25 @@ def make_loader(
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed),  # worker seeds: the global generator stays untouched
     )
+
+
+def global_batches(loader: DataLoader, desc: str):
+    """Yield (inputs, targets, indices, n) for every training step of an epoch, with a progress bar.
+
+    ``n`` is the size of the step's batch over all processes. Every process takes the same number
+    of steps (its collectives must pair up): one whose share ends before the last step, because
+    the last batch has fewer images than there are processes, gets an empty batch.
+    """
+    world = distributed.world_size()
+    total, size = len(loader.dataset), loader.batch_size * world
+    steps = -(-total // size)
+    batches = iter(loader)
+    for step in progress(range(steps), desc):
+        batch = next(batches, None)
+        if batch is None:  # nothing left for this process: a batch of no images
+            inputs, target, _ = loader.dataset[(0, 0)]
+            batch = (inputs[None][:0], torch.as_tensor([target])[:0], torch.zeros(0, dtype=torch.long))
+        yield (*batch, min(size, total - step * size))
 
 
 def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
@@ -597,13 +641,14 @@ def progress(iterable, desc: str):
 # Policies, rewards and statistics (paper, Sec. 3.2)
 
 
-def sample_policy(probs: torch.Tensor, alpha: float, generator: torch.Generator | None = None):
+def sample_policy(probs: torch.Tensor, alpha: float, generator: torch.Generator | None = None, rows: int = 0):
     """Greedy policy, bounded Bernoulli distribution and a policy sampled from it.
 
     ``probs`` (B, K) -> ``policy_map`` (B, K) = probs >= 0.5, ``distr`` over
     p' = alpha * p + (1 - alpha) * (1 - p), and ``policy`` (B, K) ~ distr. With a ``generator``
-    (``epoch_generator``) the samples come from ``distributed.uniform``: under ``--parallel``
-    each image gets the numbers it gets in a single process.
+    (``epoch_generator``) and the batch's size over all processes (``rows``), the samples come
+    from ``distributed.uniform``: under ``--parallel`` each image gets the numbers it gets in a
+    single process.
     """
     probs = probs.float()  # log-probabilities in float32
     policy_map = (probs >= 0.5).float()
@@ -611,7 +656,7 @@ def sample_policy(probs: torch.Tensor, alpha: float, generator: torch.Generator 
     distr = Bernoulli(bounded)
     if generator is None:
         return policy_map, distr.sample(), distr
-    u = distributed.uniform(generator, *probs.shape)
+    u = distributed.uniform(generator, rows or probs.shape[0], probs.shape[1])
     return policy_map, (u < bounded.detach()).float(), distr
 
 
@@ -674,11 +719,30 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:
-    """Stop the run (a UserError) when ``value`` holds a NaN or an infinity; nothing is saved after it."""
-    if not bool(torch.isfinite(value).all()):
+    """Stop the run (a UserError) when ``value`` holds a NaN or an infinity; nothing is saved after it.
+
+    Under ``--parallel`` every process stops when any of them sees one (a collective).
+    """
+    if distributed.any_process(not bool(torch.isfinite(value).all()), value.device):
         raise UserError(
             f"the {what} became NaN or infinite: stopped before saving anything more, "
             f"so the checkpoints already written are the last good ones (try a lower --lr)"
+        )
+
+
+def check_finite_weights(*modules: nn.Module) -> None:
+    """Stop the run when a parameter or buffer holds a NaN or an infinity: called before each save."""
+    bad = [
+        name
+        for module in modules
+        for name, value in module.state_dict().items()
+        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    device = next(modules[0].parameters()).device
+    if distributed.any_process(bool(bad), device):
+        raise UserError(
+            f"the weights became NaN or infinite ({bad[0] if bad else 'in another process'}): stopped before "
+            f"saving them, so the checkpoints already written are the last good ones (try a lower --lr)"
         )
 
 
@@ -686,6 +750,29 @@ def greedy_policy(agent: Policy, inputs: torch.Tensor) -> torch.Tensor:
     """The agent's greedy policy (B, K): keep a block where its probability is at least 0.5."""
     probs, _ = agent(inputs)
     return (probs >= 0.5).float()
+
+
+def baseline_policy(kind: str, num_blocks: int, k: int | None = None, seed: int = 0) -> Callable:
+    """A fixed policy rule ``inputs -> (B, K)`` to compare BlockDrop with.
+
+    ``full``: every block; ``first_k``: the first ``k`` blocks; ``random_k``: ``k`` blocks drawn
+    per image, from a generator seeded with ``seed`` (the same images in the same order get the
+    same blocks).
+    """
+    if kind == "full":
+        return lambda x: torch.ones(x.shape[0], num_blocks, device=x.device)
+    if kind == "first_k":
+        row = (torch.arange(num_blocks) < k).float()
+        return lambda x: row.to(x.device).expand(x.shape[0], -1)
+    if kind == "random_k":
+        generator = torch.Generator().manual_seed(seed)
+
+        def random_k(x: torch.Tensor) -> torch.Tensor:
+            chosen = torch.rand(x.shape[0], num_blocks, generator=generator).argsort(1)[:, :k]  # (B, k)
+            return torch.zeros(x.shape[0], num_blocks).scatter_(1, chosen, 1.0).to(x.device)
+
+        return random_k
+    raise ValueError(f"unknown baseline policy {kind!r}")
 
 
 @torch.inference_mode()
@@ -769,6 +856,22 @@ def policy_flops(agent: Policy, input_size: tuple[int, ...]) -> int:
     flops = count_flops(lambda: agent(x))
     agent.train(was_training)
     return flops
+
+
+def profile(rnet, agent, loader, device, input_size, policy_fn=None, count_agent: bool = True, amp: bool = False):
+    """test.py's figures for policies over the loader (the agent's greedy ones by default).
+
+    Returns accuracy, mean and std of blocks used, per-image FLOPs (N,) and the set of policies;
+    the policy network's FLOPs count when ``count_agent``.
+    """
+    policies, rewards, matches = evaluate(rnet, agent, loader, device, -1.0, policy_fn=policy_fn, amp=amp)
+    accuracy, _, sparsity, variance, policy_set = performance_stats(policies, rewards, matches)
+    # Per-image FLOPs: the policy network (when it runs), the parts that always run, the kept blocks.
+    base, per_block = block_flops(rnet, input_size)
+    flops = base + policies.double() @ per_block  # (N,)
+    if count_agent:
+        flops = flops + policy_flops(agent, input_size)
+    return accuracy, sparsity, variance, flops.numpy(), policy_set
 
 
 # ---------------------------------------------------------------------------------------------
@@ -900,6 +1003,12 @@ RESUME_FREE_FLAGS = {
 }
 
 
+def resume_record(args) -> dict:
+    """What every resumable checkpoint holds besides weights and optimizer: the script, its
+    flags that fix the numbers, and the random states."""
+    return {"script": Path(sys.argv[0]).name, "args": run_args(args), "rng": rng_state()}
+
+
 def run_args(args) -> dict:
     """The flags that fix a run's numbers, as a plain dict (stored in resumable checkpoints)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_FLAGS}
@@ -918,15 +1027,29 @@ def check_resume_args(saved: dict, args, path) -> None:
         )
 
 
-def load_resume(args, path: str | os.PathLike | None) -> dict | None:
-    """The resumable checkpoint for ``--resume`` (None: nothing to resume, a new run starts)."""
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and values)."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_resume(args, cv_dir: str | os.PathLike) -> dict | None:
+    """``<cv_dir>/last.t7`` for ``--resume`` (None: nothing to resume, a new run starts)."""
     if not args.resume:
         return None
-    if path is None or not Path(path).is_file():
+    path = Path(cv_dir) / RESUME_FILE
+    if not path.is_file():
         if distributed.is_main():
-            print(f"--resume: nothing to resume in {args.cv_dir}; starting a new run", flush=True)
+            print(f"--resume: nothing to resume in {cv_dir}; starting a new run", flush=True)
         return None
     state = load_file(path)
+    script = Path(sys.argv[0]).name
+    if state.get("script", script) != script:
+        raise UserError(f"cannot resume {path}: {state['script']} wrote it, not {script} (use another --cv_dir)")
     missing = [k for k in ("epoch", "optimizer", "args", "rng") if k not in state]
     if missing:
         raise UserError(f"cannot resume {path}: it has no {', '.join(missing)} (not a resumable checkpoint)")
@@ -955,8 +1078,11 @@ def setup_run(args) -> torch.device:
     return device
 
 
-def write_run_info(cv_dir: str | os.PathLike, args) -> None:
-    """Record the arguments, the command line and library versions in ``<cv_dir>/args.json``."""
+def write_run_info(cv_dir: str | os.PathLike, args, resumed_at: int | None = None) -> None:
+    """Record the arguments, the command line and library versions in ``<cv_dir>/args.json``.
+
+    A resumed run writes ``args_resumed_E<epoch>.json`` instead, keeping the original record.
+    """
     cv_dir = Path(cv_dir)
     try:
         cv_dir.mkdir(parents=True, exist_ok=True)
@@ -976,7 +1102,8 @@ def write_run_info(cv_dir: str | os.PathLike, args) -> None:
         },
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
-    (cv_dir / "args.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    name = "args.json" if resumed_at is None else f"args_resumed_E{resumed_at}.json"
+    (cv_dir / name).write_text(json.dumps(info, indent=2, default=str) + "\n")
 
 
 def adjust_learning_rate(

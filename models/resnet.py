@@ -62,8 +62,8 @@ class FlatResNet(nn.Module):
     # break even, groups of 1-4 run 1.5-2.5x slower).
     MIN_GROUP = 16
 
-    # Set by distributed.prepare under --parallel: every block runs (on no rows where no image
-    # keeps it), so that every process calls every BatchNorm layer in the same order.
+    # Set by distributed.prepare under --parallel: in training every block runs, on no rows where
+    # no image keeps it, so that every process calls every BatchNorm layer in the same order.
     uniform_graph = False
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor, masked: bool = False) -> torch.Tensor:
@@ -104,7 +104,7 @@ class FlatResNet(nn.Module):
         for t, segment, k in self.block_positions():
             residual = self.ds[segment](x) if k == 0 else x
             block = self.blocks[segment][k]
-            if counts[t] == batch and not uniform:
+            if counts[t] == batch:
                 x = F.relu(residual + block(x))
             elif counts[t] == 0 and not uniform:
                 x = residual

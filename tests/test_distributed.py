@@ -22,7 +22,8 @@ import distributed
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAKE = ["--model", "R20_C10", "--dummy", 48, "--batch_size", 16, "--workers", 0]
+# 49 images in batches of 16: the last batch has one image, so the second process takes an empty step.
+FAKE = ["--model", "R20_C10", "--dummy", 49, "--batch_size", 16, "--workers", 0]
 # One thread per process everywhere, so that 1-process, 2-process and resumed runs do the same arithmetic.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -93,15 +94,23 @@ def test_two_processes_report_what_one_process_reports(name, single, workdir):
     script, args = flags(name, workdir, workdir / "two")
     result = run(script, *args, cwd=workdir, parallel=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == single[name]  # every epoch's statistics, printed once (by rank 0)
+    if name == "pretrain":  # its loss has four decimals: SGD at lr 0.01 lets float rounding reach them
+        loss = re.compile(r"loss: (\d+\.\d+)")
+        for got, want in zip(result.stdout.splitlines(), single[name].splitlines(), strict=True):
+            assert loss.sub("", got) == loss.sub("", want)
+            assert abs(float(loss.search(got).group(1)) - float(loss.search(want).group(1))) < 2e-3
+    else:
+        assert result.stdout == single[name]  # every epoch's statistics, printed once (by rank 0)
     one, two = workdir / f"one/{name}", workdir / f"two/{name}"
     assert t7_files(two) == t7_files(one)  # the checkpoint names carry the evaluation statistics
     final = utils.load_file(newest(two))
     weights = final.get("agent", final.get("state_dict"))
     assert not any(k.startswith("module.") for k in weights)  # loads in single-process scripts
     reference = utils.load_file(newest(one))
+    # Close, not equal: Adam turns float-rounding differences of near-zero gradients into steps of
+    # about lr, a few of them over the run's 16 steps (GlobalBatchNorm2d itself is checked exactly below).
     for key, value in reference.get("agent", reference.get("state_dict")).items():
-        assert torch.allclose(weights[key].double(), value.double(), atol=1e-2), key
+        assert torch.allclose(weights[key].double(), value.double(), atol=0.05), key
 
 
 def test_a_two_process_checkpoint_profiles_in_test_py(single, workdir):
@@ -119,7 +128,7 @@ def test_a_two_process_checkpoint_profiles_in_test_py(single, workdir):
     assert result.stdout.startswith("Accuracy: ")
 
 
-def kill_after_first_save(script, args, cwd, folder, pattern):
+def kill_after_first_save(script, args, cwd, folder, pattern=r"last\.t7"):
     """Start a run, SIGKILL it as soon as its first resumable file appears; return its partial stdout."""
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, script), *map(str, args)],
@@ -144,11 +153,13 @@ def kill_after_first_save(script, args, cwd, folder, pattern):
 def test_a_killed_run_resumes_to_the_uninterrupted_result(name, single, workdir):
     script, args = flags(name, workdir, workdir / "killed")
     folder = workdir / f"killed/{name}"
-    pattern = r"pk_E_\d+_A_.*\.t7" if name == "pretrain" else r"last\.t7"
-    partial = kill_after_first_save(script, [*args, "--resume"], workdir, folder, pattern)
+    folder.mkdir(parents=True)
+    released = folder / "pk_E_164_A_0.900.t7"  # a base model of another origin, as the released ones
+    utils.save_checkpoint({"state_dict": {}, "epoch": 163}, released)
+    partial = kill_after_first_save(script, [*args, "--resume"], workdir, folder)
     assert partial.startswith("--resume: nothing to resume")  # the same command starts and resumes
     finished = t7_files(workdir / f"one/{name}")
-    assert t7_files(folder) != finished  # it was interrupted before its end
+    assert t7_files(folder) != finished + [released.name]  # it was interrupted before its end
 
     result = run(script, *args, "--resume", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -159,11 +170,31 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(name, single, workdir)
     expected = single[name].splitlines()
     start = next(i for i, line in enumerate(expected) if line.startswith(f"E: {done + 1} "))
     assert lines[1:] == expected[start:]
-    assert t7_files(folder) == finished
+    assert sorted(t7_files(folder)) == sorted(finished + [released.name])  # the other file is kept
     for f in finished:
         a, b = utils.load_file(folder / f), utils.load_file(workdir / f"one/{name}/{f}")
-        a.pop("args", None), b.pop("args", None)
         assert tensors_equal(a, b), f  # weights, optimizer and random state, bit for bit
+    assert (folder / "args.json").is_file() and list(folder.glob("args_resumed_E*.json"))
+
+
+def test_a_run_resumes_on_another_number_of_processes(single, workdir):
+    script, args = flags("cl", workdir, workdir / "regrouped")
+    kill_after_first_save(script, [*args, "--resume"], workdir, workdir / "regrouped/cl")
+    result = run(script, *args, "--resume", cwd=workdir, parallel=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    done = int(re.search(r"epoch (\d+) done", lines[0]).group(1))
+    expected = single["cl"].splitlines()
+    assert lines[1:] == expected[next(i for i, x in enumerate(expected) if x.startswith(f"E: {done + 1} ")) :]
+
+
+def test_a_nan_in_parallel_stops_every_process_with_one_line(single, workdir):
+    script, args = flags("cl", workdir, workdir / "nan")
+    result = run(script, *args, "--lr", "1e30", cwd=workdir, parallel=True)
+    assert result.returncode != 0
+    assert result.stderr.count("became NaN or infinite") == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr.split("became NaN")[0][-2000:]  # ours is one line, not a traceback
+    assert not list((workdir / "nan/cl").glob("*.t7"))
 
 
 def test_resume_refuses_other_flags(single, workdir):
