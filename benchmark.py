@@ -234,7 +234,7 @@ def benchmark_training(args, device) -> dict:
                     return finetune.train_epoch(ns, rnet, agent, loader, optimizer, device)
 
             seconds = time_alternating({"epoch": epoch}, device, args)["epoch"]
-            stats = epoch()
+            stats, _ = epoch()
             row["dense" if dense else "sparse"] = {
                 "images_per_s": len(trainset) / seconds,
                 "blocks_per_image": stats[2],

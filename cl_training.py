@@ -46,7 +46,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
     """One epoch of REINFORCE on the agent (paper, Eq. 6-8, with the curriculum mask).
 
     ``agent`` may be wrapped in DistributedDataParallel; ``rnet`` is frozen. Returns the epoch's
-    statistics over every process.
+    statistics over every process, and its sampled policies (N, K) in dataset order.
     """
     agent.train()
     rnet.eval()
@@ -93,7 +93,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
         policies.append(policy.cpu())
         rewards.append(reward_sample.cpu())
         matches.append(match.cpu())
-    return utils.performance_stats(*distributed.collect(indices, policies, rewards, matches))
+    policies, rewards, matches = distributed.collect(indices, policies, rewards, matches)
+    return utils.performance_stats(policies, rewards, matches), policies
 
 
 def main(args):
@@ -139,10 +140,11 @@ def main(args):
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
         decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
-        stats = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
+        stats, policies = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
         if main_process:
             print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
             utils.log_stats(writer, "train", stats, epoch)
+            utils.log_policies(writer, "train", policies, epoch)
         utils.check_finite_weights(agent)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             results = utils.evaluate(
@@ -152,6 +154,7 @@ def main(args):
             if main_process:
                 print(utils.stats_line("TS - ", stats), flush=True)
                 utils.log_stats(writer, "test", stats, epoch)
+                utils.log_policies(writer, "test", results[0], epoch)
                 state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
                 utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
         if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically

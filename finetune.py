@@ -44,7 +44,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
     """One epoch of joint training: REINFORCE on the agent plus cross-entropy on the ResNet.
 
     ``rnet`` and ``agent`` may be wrapped in DistributedDataParallel. Returns the epoch's
-    statistics over every process.
+    statistics over every process, and its sampled policies (N, K) in dataset order.
     """
     agent.train()
     rnet.train()
@@ -81,7 +81,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
         policies.append(policy.cpu())
         rewards.append(reward_sample.cpu())
         matches.append(match.cpu())
-    return utils.performance_stats(*distributed.collect(indices, policies, rewards, matches))
+    policies, rewards, matches = distributed.collect(indices, policies, rewards, matches)
+    return utils.performance_stats(policies, rewards, matches), policies
 
 
 def main(args):
@@ -126,18 +127,19 @@ def main(args):
         utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
-        stats = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, device, epoch)
+        stats, policies = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, device, epoch)
         if main_process:
             print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
             utils.log_stats(writer, "train", stats, epoch)
+            utils.log_policies(writer, "train", policies, epoch)
         utils.check_finite_weights(agent, rnet)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            stats = utils.performance_stats(
-                *utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
-            )
+            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
+            stats = utils.performance_stats(*results)
             if main_process:
                 print(utils.stats_line("TS - ", stats), flush=True)
                 utils.log_stats(writer, "test", stats, epoch)
+                utils.log_policies(writer, "test", results[0], epoch)
                 state = {
                     "agent": agent.state_dict(),
                     "resnet": rnet.state_dict(),

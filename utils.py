@@ -713,6 +713,29 @@ def log_stats(writer, split: str, stats, epoch: int) -> None:
         writer.add_scalar(f"{split}_{name}", value, epoch)
 
 
+def log_policies(writer, split: str, policies: torch.Tensor, epoch: int) -> None:
+    """TensorBoard histograms of one epoch's policies (N, K).
+
+    ``<split>_blocks_used``: blocks used per image. ``<split>_block_keep_rate``: one bucket per
+    block, as high as the share of images that keep it.
+    """
+    k = policies.shape[1]
+    writer.add_histogram(f"{split}_blocks_used", policies.sum(1).double().numpy(), epoch, bins=np.arange(k + 2) - 0.5)
+    rates = policies.double().mean(0)  # (K,)
+    blocks = torch.arange(k, dtype=torch.float64)
+    writer.add_histogram_raw(
+        f"{split}_block_keep_rate",
+        min=0,
+        max=k - 1,
+        num=float(rates.sum()),
+        sum=float((rates * blocks).sum()),
+        sum_squares=float((rates * blocks**2).sum()),
+        bucket_limits=(blocks + 0.5).tolist(),
+        bucket_counts=rates.tolist(),
+        global_step=epoch,
+    )
+
+
 def autocast(device: torch.device, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled`` (``--amp``); a no-op otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
