@@ -25,7 +25,7 @@ STYLE = {
     "blockdrop": dict(color="#c0392b", marker="o", label="BlockDrop (learned policies)"),
     "first_k": dict(color="#2471a3", marker="s", label="first K blocks"),
     "random_k": dict(color="#7d3c98", marker="^", label="K random blocks per image"),
-    "full": dict(color="black", marker="*", markersize=12, label="full network"),
+    "full": dict(color="black", marker="*", markersize=12, label="full network", zorder=1),
 }
 
 
@@ -51,7 +51,9 @@ def get_args_parser():
         default=None,
         help="a finetuned checkpoint whose ResNet the baselines use (default: the base ResNet)",
     )
-    p.add_argument("--out", default="tradeoff", help="output path without extension: <out>.csv and <out>.png")
+    p.add_argument(
+        "--out", default="tradeoff", help="output path, without extension: <out>.csv and <out>.png are written"
+    )
     p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
     p.add_argument("--dpi", type=utils.positive_int, default=100, help="resolution of the PNG file")
     utils.add_amp_flag(p)
@@ -85,7 +87,7 @@ def plot(rows, path, model: str, dpi: int) -> None:
         if method == "blockdrop":
             for r in mine:
                 ax.annotate(f"{r['blocks']:.1f}", (r["flops"], 100 * r["accuracy"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))  # fmt: skip
+                            textcoords="offset points", xytext=(-6, -11), zorder=4)  # fmt: skip
     ax.set_xlabel("FLOPs per image (policy network included for BlockDrop)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model}: accuracy against compute (labels: blocks per image)", fontsize=10)
@@ -104,8 +106,14 @@ def main(args):
         if k > spec.num_blocks:
             raise utils.UserError(f"--ks {k}: {args.model} has {spec.num_blocks} blocks")
     out = Path(args.out)
-    if out.parent != Path() and not out.parent.is_dir():
+    if out.suffix in (".csv", ".png"):
+        out = out.with_suffix("")
+    if out.name in ("", ".", "..") or out.is_dir():
+        raise utils.UserError(f"--out {args.out}: give a file path without extension, e.g. {out / 'tradeoff'}")
+    if not out.parent.is_dir():
         raise utils.UserError(f"the folder of --out, {out.parent}, does not exist")
+    if args.baseline_resnet is not None and "resnet" not in utils.load_file(args.baseline_resnet):
+        raise utils.UserError(f"--baseline_resnet {args.baseline_resnet} has no 'resnet' (not a finetuned checkpoint)")
     _, testset = utils.get_data(args)
     loader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
 
@@ -119,7 +127,7 @@ def main(args):
     rnet, agent, _ = utils.models_for_run(args.model, args.baseline_resnet, args.dummy, init_agent=False)
     rnet.to(device)
     agent.to(device)
-    ks = args.ks if args.ks is not None else sorted({round(r["blocks"]) for r in rows})
+    ks = sorted(set(args.ks)) if args.ks is not None else sorted({round(r["blocks"]) for r in rows})
     runs = [("full", None)] + [(b, k) for b in args.baselines for k in ks]
     for method, k in runs:
         policy_fn = utils.baseline_policy(method, rnet.num_blocks, k, args.seed)

@@ -725,8 +725,8 @@ def log_policies(writer, split: str, policies: torch.Tensor, epoch: int) -> None
     blocks = torch.arange(k, dtype=torch.float64)
     writer.add_histogram_raw(
         f"{split}_block_keep_rate",
-        min=0,
-        max=k - 1,
+        min=-0.5,  # bucket t spans [t - 0.5, t + 0.5]
+        max=k - 0.5,
         num=float(rates.sum()),
         sum=float((rates * blocks).sum()),
         sum_squares=float((rates * blocks**2).sum()),

@@ -23,6 +23,7 @@ import distributed  # noqa: E402
 import utils  # noqa: E402
 
 KEPT, DROPPED = "#1f4e79", "#e3e3e3"
+MAX_CLASSES = 40  # rows of easy_hard.png that still make a readable figure
 
 
 def get_args_parser():
@@ -59,7 +60,7 @@ def displayable(dataset):
         x = dataset[i][0].float()  # (3, H, W)
         if norm is not None:
             x = x * torch.tensor(norm.std).view(-1, 1, 1) + torch.tensor(norm.mean).view(-1, 1, 1)
-        else:  # fake data: spread to [0, 1]
+        elif transform is None:  # fake data (--dummy): random numbers, spread to [0, 1]
             x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-6)
         return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -88,7 +89,9 @@ def draw_policy(ax, policy: np.ndarray, layer_config) -> None:
     x, start = 0.0, 0
     for n in layer_config:
         for t in range(start, start + n):
-            ax.add_patch(plt.Rectangle((x, 0), 0.9, 0.9, color=KEPT if policy[t] else DROPPED))
+            ax.add_patch(
+                plt.Rectangle((x, 0), 0.9, 0.9, facecolor=KEPT if policy[t] else DROPPED, edgecolor="white", lw=1)
+            )
             x += 1
         start += n
         x += 0.6
@@ -139,26 +142,28 @@ def figure_classes(path, blocks, targets, names, shown, dpi: int):
     plt.close(fig)
 
 
-def figure_easy_hard(path, blocks, targets, image, names, shown, samples: int, dpi: int):
+def figure_easy_hard(path, blocks, targets, correct, image, names, shown, samples: int, dpi: int):
+    """Per class, the images with the fewest and the most blocks; misclassified ones titled in red."""
     half = max(1, samples // 2)
     fig, axes = plt.subplots(
         len(shown), 2 * half, figsize=(2 * half * 0.95 + 1.6, 1.05 * len(shown) + 0.5), squeeze=False
     )
     for row, c in enumerate(shown):
         members = (targets == c).nonzero().squeeze(1)
-        order = members[blocks[members].argsort(stable=True)]  # fewest blocks first
-        picks = list(order[:half].tolist()) + [None] * max(0, half - len(order))
-        picks += list(order[-half:].tolist()) if len(order) >= half else [None] * half
+        order = members[blocks[members].argsort(stable=True)].tolist()  # fewest blocks first
+        m = min(half, -(-len(order) // 2))  # a small class: each image on one side (one if odd)
+        picks = order[:m] + [None] * (half - m) + order[len(order) - m :] + [None] * (half - m)
         for col, i in enumerate(picks):
             ax = axes[row, col]
             ax.set_xticks([])
             ax.set_yticks([])
             if i is not None:
                 ax.imshow(image(i))
-                ax.set_title(f"{int(blocks[i])}", fontsize=7, pad=2)
+                ax.set_title(f"{int(blocks[i])}", fontsize=7, pad=2, color="black" if correct[i] else "red")
         axes[row, 0].set_ylabel(names[c], fontsize=7, rotation=0, ha="right", va="center")
     axes[0, 0].annotate("fewest blocks", (0, 1.45), xycoords="axes fraction", fontsize=9)
     axes[0, half].annotate("most blocks", (0, 1.45), xycoords="axes fraction", fontsize=9)
+    fig.suptitle("Blocks used per image (red: misclassified)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -182,6 +187,8 @@ def figure_block_keep(path, policies, layer_config, dpi: int):
 
 
 def main(args):
+    if args.classes > MAX_CLASSES:
+        raise utils.UserError(f"--classes {args.classes}: at most {MAX_CLASSES} classes fit in a figure")
     device = utils.get_device(args.device)
     utils.set_seed(args.seed)
     rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
@@ -210,7 +217,9 @@ def main(args):
             p, policies, image, layer_config, args.top, args.samples, args.dpi, args.seed
         ),
         "classes.png": lambda p: figure_classes(p, blocks, targets, names, shown, args.dpi),
-        "easy_hard.png": lambda p: figure_easy_hard(p, blocks, targets, image, names, shown, args.samples, args.dpi),
+        "easy_hard.png": lambda p: figure_easy_hard(
+            p, blocks, targets, correct, image, names, shown, args.samples, args.dpi
+        ),
         "block_keep.png": lambda p: figure_block_keep(p, policies, layer_config, args.dpi),
     }
     for name, draw in files.items():

@@ -103,6 +103,9 @@ def test_visualize_writes_the_four_figures(checkpoints):
         assert_png(folder / "figs" / name)
     missing = run("visualize.py", "--out", "figs2", cwd=folder)
     assert missing.returncode == 2 and "--load" in missing.stderr
+    too_many = run("visualize.py", "--load", ckpt, "--out", "figs2", "--classes", 41, cwd=folder)
+    assert too_many.returncode == 2 and "at most 40 classes" in too_many.stderr
+    assert not (folder / "figs2").exists()
 
 
 def test_tradeoff_writes_one_row_per_point_and_the_curve(checkpoints):
@@ -124,10 +127,12 @@ def test_tradeoff_writes_one_row_per_point_and_the_curve(checkpoints):
     for r in rows[3:]:
         assert float(r["blocks"]) == int(r["k"]) and float(r["blocks_std"]) == 0
     assert float(rows[2]["blocks"]) == 9 and float(rows[2]["flops"]) == pytest.approx(8.110e7, rel=1e-3)
-    # A BlockDrop point is what test.py reports for the checkpoint.
-    profile = run("test.py", "--load", paths[0], cwd=folder).stdout.splitlines()
-    assert profile[0] == f"Accuracy: {float(rows[0]['accuracy']):.3f}"
-    assert profile[1].startswith(f"Block Usage: {float(rows[0]['blocks']):.3f}")
+    # A point is what test.py reports for the checkpoint, or for the baseline.
+    for row, args in [(rows[0], []), (rows[4], ["--policy", "first_k", "--k", 5])]:
+        profile = run("test.py", "--load", paths[0], *args, cwd=folder).stdout.splitlines()
+        assert float(profile[0].split(": ")[1]) == pytest.approx(float(row["accuracy"]), abs=1e-3)
+        assert profile[1] == f"Block Usage: {float(row['blocks']):.3f} \u00b1 {float(row['blocks_std']):.3f}"
+        assert profile[2] == f"FLOPs/img: {float(row['flops']):.2E} \u00b1 {float(row['flops_std']):.2E}"
     assert_png(folder / "curve.png")
     # Without --ks the baselines take the checkpoints' rounded block counts.
     default = run("tradeoff.py", "--load", paths[0], "--baselines", "first_k", "--out", "one", cwd=folder)
@@ -136,6 +141,9 @@ def test_tradeoff_writes_one_row_per_point_and_the_curve(checkpoints):
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["blockdrop", "full", "first_k"]
     assert int(rows[2]["k"]) == round(float(rows[0]["blocks"]))
+    for out in (".", "nowhere/curve"):
+        bad = run("tradeoff.py", "--load", paths[0], "--out", out, cwd=folder)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--out" in bad.stderr
 
 
 def tensorboard_events(folder):
