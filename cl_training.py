@@ -6,7 +6,6 @@ At epoch e the agent decides only the last min(e // cl_step + 1, K) blocks; the 
 """
 
 import torch
-from tensorboardX import SummaryWriter
 
 import distributed
 import utils
@@ -129,10 +128,7 @@ def main(args):
         optimizer.load_state_dict(resume["optimizer"])
     trained = distributed.wrap(agent, device)
 
-    writer = None
-    if main_process:
-        utils.write_run_info(args.cv_dir, args, start_epoch if resume else None)
-        writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
+    writer = utils.open_run_log(args.cv_dir, args, start_epoch if resume else None)
     num_blocks = rnet.num_blocks
     last_epoch = first_epoch + args.max_epochs
     if resume:
@@ -141,20 +137,15 @@ def main(args):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
         decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
         stats, policies = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
-        if main_process:
-            print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
-            utils.log_stats(writer, "train", stats, epoch)
-            utils.log_policies(writer, "train", policies, epoch)
+        utils.report(writer, "train", stats, policies, epoch)
         utils.check_finite_weights(agent)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             results = utils.evaluate(
                 rnet, agent, testloader, device, args.penalty, decided, dense=args.dense, amp=args.amp
             )
             stats = utils.performance_stats(*results)
+            utils.report(writer, "test", stats, results[0], epoch)
             if main_process:
-                print(utils.stats_line("TS - ", stats), flush=True)
-                utils.log_stats(writer, "test", stats, epoch)
-                utils.log_policies(writer, "test", results[0], epoch)
                 state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
                 utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
         if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically
@@ -164,9 +155,8 @@ def main(args):
                 "epoch": epoch,
                 "first_epoch": first_epoch,
                 "resnet_digest": resnet_digest,
-                **utils.resume_record(args),
             }
-            utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+            utils.save_resume(args.cv_dir, args, state)
     if writer is not None:
         writer.close()
     distributed.cleanup()

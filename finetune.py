@@ -6,7 +6,6 @@
 
 import torch
 import torch.nn.functional as F
-from tensorboardX import SummaryWriter
 
 import distributed
 import utils
@@ -118,28 +117,20 @@ def main(args):
         optimizer.load_state_dict(resume["optimizer"])
     trained_rnet, trained_agent = distributed.wrap(rnet, device), distributed.wrap(agent, device)
 
-    writer = None
-    if main_process:
-        utils.write_run_info(args.cv_dir, args, start_epoch if resume else None)
-        writer = SummaryWriter(f"{args.cv_dir.rstrip('/')}/log", purge_step=start_epoch if resume else None)
+    writer = utils.open_run_log(args.cv_dir, args, start_epoch if resume else None)
     last_epoch = first_epoch + args.max_epochs
     if resume:
         utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
         stats, policies = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, device, epoch)
-        if main_process:
-            print(utils.stats_line(f"E: {epoch} | ", stats), flush=True)
-            utils.log_stats(writer, "train", stats, epoch)
-            utils.log_policies(writer, "train", policies, epoch)
+        utils.report(writer, "train", stats, policies, epoch)
         utils.check_finite_weights(agent, rnet)
         if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
             results = utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
             stats = utils.performance_stats(*results)
+            utils.report(writer, "test", stats, results[0], epoch)
             if main_process:
-                print(utils.stats_line("TS - ", stats), flush=True)
-                utils.log_stats(writer, "test", stats, epoch)
-                utils.log_policies(writer, "test", results[0], epoch)
                 state = {
                     "agent": agent.state_dict(),
                     "resnet": rnet.state_dict(),
@@ -155,9 +146,8 @@ def main(args):
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "first_epoch": first_epoch,
-                **utils.resume_record(args),
             }
-            utils.save_checkpoint(state, f"{args.cv_dir.rstrip('/')}/{utils.RESUME_FILE}")
+            utils.save_resume(args.cv_dir, args, state)
     if writer is not None:
         writer.close()
     distributed.cleanup()

@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tensorboardX import SummaryWriter
 
 import distributed
 import utils
@@ -111,10 +110,7 @@ def main(args):
         start_epoch = int(ckpt["epoch"])
     trained = distributed.wrap(rnet, device)
 
-    writer = None
-    if main_process:
-        utils.write_run_info(cv_dir, args, start_epoch + 1 if resume else None)
-        writer = SummaryWriter(f"{cv_dir.rstrip('/')}/log", purge_step=start_epoch + 1 if resume else None)
+    writer = utils.open_run_log(cv_dir, args, start_epoch + 1 if resume else None)
     # The base-model file this run wrote last, deleted when a newer one is written; never a --load file.
     previous = utils.Path(cv_dir) / resume["checkpoint"] if resume else None
     if resume:
@@ -166,8 +162,7 @@ def main(args):
             previous.unlink()
         previous = path
         # Last: a run killed before this point repeats the epoch, identically.
-        resumable = {**state, "checkpoint": path.name, **utils.resume_record(args)}
-        utils.save_checkpoint(resumable, utils.Path(cv_dir) / utils.RESUME_FILE)
+        utils.save_resume(cv_dir, args, {**state, "checkpoint": path.name})
     if writer is not None:
         writer.close()
     distributed.cleanup()

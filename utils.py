@@ -25,6 +25,7 @@ import torch
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
+from tensorboardX import SummaryWriter
 from torch import nn
 from torch.distributions import Bernoulli
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
@@ -713,6 +714,24 @@ def log_stats(writer, split: str, stats, epoch: int) -> None:
         writer.add_scalar(f"{split}_{name}", value, epoch)
 
 
+def open_run_log(cv_dir: str | os.PathLike, args, resumed_at: int | None = None):
+    """In the main process, record the run (``write_run_info``) and open its TensorBoard writer in
+    ``<cv_dir>/log``, dropping logged steps from ``resumed_at`` on; None in the other processes."""
+    if not distributed.is_main():
+        return None
+    write_run_info(cv_dir, args, resumed_at)
+    return SummaryWriter(str(Path(cv_dir) / "log"), purge_step=resumed_at)
+
+
+def report(writer, split: str, stats, policies: torch.Tensor, epoch: int) -> None:
+    """One epoch's train or test statistics: the console line and TensorBoard (main process only)."""
+    if not distributed.is_main():
+        return
+    print(stats_line(f"E: {epoch} | " if split == "train" else "TS - ", stats), flush=True)
+    log_stats(writer, split, stats, epoch)
+    log_policies(writer, split, policies, epoch)
+
+
 def log_policies(writer, split: str, policies: torch.Tensor, epoch: int) -> None:
     """TensorBoard histograms of one epoch's policies (N, K).
 
@@ -1026,10 +1045,11 @@ RESUME_FREE_FLAGS = {
 }
 
 
-def resume_record(args) -> dict:
-    """What every resumable checkpoint holds besides weights and optimizer: the script, its
-    flags that fix the numbers, and the random states."""
-    return {"script": Path(sys.argv[0]).name, "args": run_args(args), "rng": rng_state()}
+def save_resume(cv_dir: str | os.PathLike, args, state: dict) -> None:
+    """Write ``<cv_dir>/last.t7``: ``state`` (weights, optimizer, epoch) with what ``load_resume``
+    checks and restores: the script, its flags that fix the numbers, and the random states."""
+    record = {"script": Path(sys.argv[0]).name, "args": run_args(args), "rng": rng_state()}
+    save_checkpoint({**state, **record}, Path(cv_dir) / RESUME_FILE)
 
 
 def run_args(args) -> dict:
