@@ -2,7 +2,8 @@
 
     python cl_training.py --model R110_C10 --cv_dir cv/R110_C10_cl/ --lr 1e-3 --batch_size 2048 --max_epochs 5000
 
-At epoch e the agent decides only the last min(e // cl_step + 1, K) blocks; the others run.
+At epoch e the agent decides only the last min(e + 1, K) blocks, the others always run (with
+--cl_step below K, the default 1); with --cl_step K or more it decides every block from the start.
 """
 
 import torch
@@ -28,7 +29,8 @@ def get_args_parser():
         "--cl_step",
         type=utils.positive_int,
         default=1,
-        help="epochs per curriculum step (one more block decided each step)",
+        help="curriculum switch, as in the original: below the number of blocks K, the agent decides the last "
+        "min(epoch + 1, K) blocks at each epoch; K or more: every block from the first epoch (no curriculum)",
     )
     p.add_argument("--penalty", type=float, default=-1, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
@@ -65,8 +67,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
         policy[:, ~mask] = 1.0
 
         with torch.inference_mode(), utils.autocast(device, args.amp):  # the ResNet is frozen
-            if args.dense:  # the original's computation: every block on every image, masked
-                preds_map, preds_sample = rnet.forward_masked(inputs, policy_map), rnet.forward_masked(inputs, policy)
+            if args.dense:  # the original's computation: every kept block on every image, masked
+                preds_map, preds_sample = rnet(inputs, policy_map, masked=True), rnet(inputs, policy, masked=True)
             elif inputs.is_cuda:  # one pass over both policies: half the kernel launches
                 both = rnet(torch.cat([inputs, inputs]), torch.cat([policy_map, policy]))
                 preds_map, preds_sample = both.split(inputs.shape[0])
@@ -84,7 +86,7 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
         loss = (loss.sum() - args.beta * entropy) * processes / batch_size
         utils.check_finite(loss, "loss")
 
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # zeroed, not None, as PyTorch 0.3 did
         loss.backward()
         optimizer.step()
 
@@ -101,8 +103,9 @@ def main(args):
     main_process = distributed.is_main()
     resume = utils.load_resume(args, args.cv_dir)
     with distributed.node_main_first():  # downloads once per node
-        # A resumed run builds the frozen ResNet as the run did (the same --load), then checks it.
-        rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy)
+        # --load gives the agent and the epoch only, as in the original (also from a finetuning
+        # checkpoint); the frozen ResNet is always the base model, checked again on --resume.
+        rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, load_resnet=False)
         trainset, testset = utils.get_data(args)
     resnet_digest = utils.state_digest(rnet)
     first_epoch = ckpt.get("epoch", -1) + 1
@@ -136,6 +139,8 @@ def main(args):
     for epoch in range(start_epoch, last_epoch + 1):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
         decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
+        if main_process:
+            print(f"training the last {decided} blocks ...", flush=True)
         stats, policies = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
         utils.report(writer, "train", stats, policies, epoch)
         utils.check_finite_weights(agent)

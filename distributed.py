@@ -177,6 +177,13 @@ def sum_over_processes(values: list[float], device: torch.device) -> list[float]
     return t.tolist()
 
 
+def sum_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over every process (a copy; no gradient)."""
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 class _SumOverProcesses(torch.autograd.Function):
     """All-reduce (sum) with its gradient: the sum of every process's gradient of the result."""
 
@@ -198,7 +205,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
     It works on CPU (Gloo) and CUDA (NCCL), and with processes that hold no image for the layer
     (a block that no image of theirs keeps), as long as every process calls every layer in the
-    same order: FlatResNet's ``uniform_graph`` sees to that. Outside training, or with a single
+    same order: FlatResNet's ``process_sum`` sees to that. Outside training, or with a single
     process, it is BatchNorm2d. The state dict is BatchNorm2d's.
     """
 
@@ -244,15 +251,15 @@ def prepare(module: nn.Module) -> nn.Module:
     """Under ``--parallel`` with several processes: BatchNorm over every process, uniform graphs.
 
     Replaces each BatchNorm2d by a GlobalBatchNorm2d with the same state, and sets
-    ``uniform_graph`` where the module has it, so every process runs the same layers in the same
-    order (each a no-op where it has no image). Call it before moving the module or building the
+    ``process_sum`` where the module has it, so every process runs the same layers in the same
+    order (each a no-op where it has no image) and skips a block only where no process keeps it. Call it before moving the module or building the
     optimizer. A no-op in a single process.
     """
     if world_size() == 1:
         return module
     for parent in list(module.modules()):
-        if hasattr(parent, "uniform_graph"):
-            parent.uniform_graph = True
+        if hasattr(parent, "process_sum"):
+            parent.process_sum = sum_tensor
         for name, child in parent.named_children():
             if type(child) is nn.BatchNorm2d:
                 new = GlobalBatchNorm2d(

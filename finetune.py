@@ -30,6 +30,13 @@ def get_args_parser():
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
     p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
+    p.add_argument(
+        "--sparse",
+        action="store_true",
+        help="train with each block run only on the images that keep it (faster when few blocks are kept); "
+        "BatchNorm then normalises over those images instead of the whole batch, which changes the numbers "
+        "(the README gives the measured effect); not with --dense",
+    )
     utils.add_run_flags(
         p,
         "continue the run in --cv_dir from its last.t7 (written after every epoch): ResNet, agent, "
@@ -50,6 +57,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
     loader.sampler.set_epoch(epoch)
     generator = utils.epoch_generator(args.seed, epoch, device)
     processes = distributed.world_size()
+    # FlatResNet.forward's form: the original's masked one in training unless --sparse (--dense: masked everywhere).
+    masked = True if args.dense else False if args.sparse else None
     indices, policies, rewards, matches = [], [], [], []
     for inputs, targets, index, batch_size in utils.global_batches(loader, "train"):
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -59,9 +68,10 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
         policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator, batch_size)
 
         with utils.autocast(device, args.amp):
+            # In training mode, as in the original, both runs update BatchNorm's running statistics.
             with torch.no_grad():  # the greedy run is only the baseline of the advantage
-                preds_map = rnet(inputs, policy_map, masked=args.dense)
-            preds_sample = rnet(inputs, policy, masked=args.dense).float()
+                preds_map = rnet(inputs, policy_map, masked=masked)
+            preds_sample = rnet(inputs, policy, masked=masked).float()
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,)
@@ -72,7 +82,9 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
         loss = loss + F.cross_entropy(preds_sample, targets, reduction="sum") * processes / batch_size
         utils.check_finite(loss, "loss")
 
-        optimizer.zero_grad(set_to_none=True)
+        # Zeroed, not None (PyTorch 0.3): Adam also steps the parameters that got no gradient in
+        # this batch (a block no image kept), from their momentum, as in the original.
+        optimizer.zero_grad(set_to_none=False)
         loss.backward()
         optimizer.step()
 
@@ -85,6 +97,8 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
 
 
 def main(args):
+    if args.sparse and args.dense:
+        raise utils.UserError("--sparse and --dense are two different forms of the ResNet's forward: give one")
     device = utils.setup_run(args)
     main_process = distributed.is_main()
     resume = utils.load_resume(args, args.cv_dir)

@@ -35,6 +35,7 @@ def get_args_parser():
         help="stochastic depth: each training image skips each block with this probability, "
         "so that the base network tolerates dropped blocks (0: off)",
     )
+    utils.add_amp_flag(p)
     p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
     p.add_argument(
         "--load",
@@ -126,7 +127,9 @@ def main(args):
                 keep = distributed.uniform(generator, batch_size, rnet.num_blocks) >= args.drop_rate  # (B, K)
             else:
                 keep = torch.ones(len(inputs), rnet.num_blocks, device=device, dtype=torch.bool)
-            logits = trained(inputs, keep.float())
+            with utils.autocast(device, args.amp):
+                logits = trained(inputs, keep.float())
+            logits = logits.float()
             # The batch mean: DDP averages the processes' gradients, hence the factor.
             loss_total = F.cross_entropy(logits, targets, reduction="sum")
             loss = loss_total * distributed.world_size() / batch_size

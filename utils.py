@@ -273,18 +273,17 @@ def _describe(state: dict) -> str:
     return f"blocks {layers}, {classes} classes"
 
 
-def load_weights_to_flatresnet(source, target: FlatResNet, strict: bool = True) -> FlatResNet:
+def load_weights_to_flatresnet(source_model, target_model: FlatResNet, strict: bool = True) -> FlatResNet:
     """Copy weights into a flat ResNet from a module, a ``{'state_dict': ...}`` file or a state dict.
 
     Accepts the flat naming and the ``layer<N>`` naming, with or without a ``module.`` prefix.
     With ``strict=False`` keys the target lacks are ignored (ResNet-18 into the policy network).
     """
-    if isinstance(source, nn.Module):
-        source = source.state_dict()
+    source = source_model.state_dict() if isinstance(source_model, nn.Module) else source_model
     if "state_dict" in source and isinstance(source["state_dict"], dict):
         source = source["state_dict"]
     state = {_translate_key(k): v for k, v in strip_prefix(source).items()}
-    own = target.state_dict()
+    own = target_model.state_dict()
     if not strict:
         state = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         own.update(state)
@@ -296,8 +295,8 @@ def load_weights_to_flatresnet(source, target: FlatResNet, strict: bool = True) 
         raise UserError(
             f"weights do not fit this network: they hold {_describe(state)}, the network has {_describe(own)}"
         )
-    target.load_state_dict(state)
-    return target
+    target_model.load_state_dict(state)
+    return target_model
 
 
 def _as_float(value) -> float:
@@ -321,28 +320,34 @@ def load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
 
 
 def load_agent(agent: Policy, path: str | os.PathLike, num_blocks: int) -> dict:
-    """Load only the policy network of a BlockDrop checkpoint (``agent``, or legacy ``net``)."""
-    ckpt = load_file(path)
-    load_agent_state(agent, ckpt, path, num_blocks)
-    return ckpt
-
-
-def load_checkpoint(rnet: FlatResNet, agent: Policy, path: str | os.PathLike) -> dict:
-    """Load a BlockDrop checkpoint (``agent`` or legacy ``net``, optional ``resnet``) into the models.
+    """Load only the policy network of a BlockDrop checkpoint (``agent``, or legacy ``net``).
 
     Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers.
     """
-    ckpt = load_agent(agent, path, rnet.num_blocks)
-    if "resnet" in ckpt:
-        try:
-            load_weights_to_flatresnet(ckpt["resnet"], rnet)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
+    ckpt = load_file(path)
+    load_agent_state(agent, ckpt, path, num_blocks)
     if "epoch" in ckpt:
         ckpt["epoch"] = int(_as_float(ckpt["epoch"]))
     for key in ("reward", "acc"):
         if key in ckpt:
             ckpt[key] = _as_float(ckpt[key])
+    return ckpt
+
+
+def load_checkpoint(rnet: FlatResNet, agent: Policy, load: str | os.PathLike) -> dict | None:
+    """Load a BlockDrop checkpoint (``agent`` or legacy ``net``, optional ``resnet``) into the models.
+
+    Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers; ``'nil'``
+    loads nothing and returns None, as in the original.
+    """
+    if load == "nil":
+        return None
+    ckpt = load_agent(agent, load, rnet.num_blocks)
+    if "resnet" in ckpt:
+        try:
+            load_weights_to_flatresnet(ckpt["resnet"], rnet)
+        except UserError as e:
+            raise UserError(f"{load}: {e}") from None
     return ckpt
 
 
@@ -352,14 +357,23 @@ def checkpoint_path(cv_dir: str | os.PathLike, epoch: int, stats) -> Path:
     return Path(cv_dir) / f"ckpt_E_{epoch}_A_{accuracy:.3f}_R_{reward:.2E}_S_{sparsity:.2f}_#_{len(policy_set)}.t7"
 
 
-def models_for_run(model: str, load: str | None = None, dummy: bool = False, init_agent: bool = True):
+def models_for_run(
+    model: str, load: str | None = None, dummy: bool = False, init_agent: bool = True, load_resnet: bool = True
+):
     """ResNet and agent for a script: ``load``'s weights where it has them, pretrained ones otherwise.
+
+    With ``load_resnet=False`` only ``load``'s agent (and epoch) is taken; the ResNet is the base model.
 
     With fake data (``dummy``) missing pretrained weights are replaced by random ones, with a note.
     Returns (rnet, agent, checkpoint dict or {}).
     """
     rnet, agent = build_model(model)
-    ckpt = load_checkpoint(rnet, agent, load) if load else {}
+    if not load:
+        ckpt = {}
+    elif load_resnet:
+        ckpt = load_checkpoint(rnet, agent, load)
+    else:
+        ckpt = load_agent(agent, load, rnet.num_blocks)
 
     def pretrained(what: str, fn: Callable[[], object]) -> None:
         try:
@@ -370,7 +384,7 @@ def models_for_run(model: str, load: str | None = None, dummy: bool = False, ini
             if distributed.is_main():
                 print(f"note: {e}; fake data, so {what} keeps random weights", file=sys.stderr, flush=True)
 
-    if "resnet" not in ckpt:
+    if "resnet" not in ckpt or not load_resnet:
         pretrained("the ResNet", lambda: load_pretrained_rnet(rnet, model))
     if not load and init_agent:
         pretrained("the policy network", lambda: load_pretrained_agent(agent, model))
@@ -382,7 +396,22 @@ def models_for_run(model: str, load: str | None = None, dummy: bool = False, ini
 
 
 def get_transforms(rnet: str, dset: str) -> tuple[Callable, Callable]:
-    """Train and test transforms of a model name ``rnet`` on dataset key ``dset``."""
+    """Train and test transforms of ResNet ``rnet`` on dataset key ``dset``.
+
+    ``rnet`` is the depth part of a model name, as the original passes it (``'R32'``), or the whole
+    name (``'R32_C10'``): both give the same transforms. Unknown names are errors naming the valid ones.
+    """
+    datasets = list(dict.fromkeys(spec.dataset for spec in MODELS.values()))
+    if dset not in datasets:
+        raise UserError(f"unknown dataset {dset!r}; valid datasets: {', '.join(datasets)}")
+    depth, _, named = rnet.partition("_")
+    depths = [name.split("_")[0] for name, spec in MODELS.items() if spec.dataset == dset]
+    if (named and named != dset) or depth not in depths:
+        raise UserError(
+            f"unknown ResNet {rnet!r} for dataset {dset}; valid: {', '.join(depths)} "
+            f"(or the whole model name, e.g. {depths[0]}_{dset})"
+        )
+    rnet = f"{depth}_{dset}"
     if dset in ("C10", "C100"):
         augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
         # Only the released R32_C10 base model was trained on normalised inputs.
@@ -400,7 +429,7 @@ def get_transforms(rnet: str, dset: str) -> tuple[Callable, Callable]:
         norm = [T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
         train = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip()] + norm)
         return train, T.Compose([T.Resize(256), T.CenterCrop(224)] + norm)
-    raise UserError(f"unknown dataset {dset!r}; valid datasets: C10, C100, FMNIST, ImgNet")
+    raise AssertionError(dset)  # every dataset of the table has its transforms above
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -670,8 +699,12 @@ def get_reward(preds: torch.Tensor, targets: torch.Tensor, policy: torch.Tensor,
 
 
 def curriculum_blocks(epoch: int, num_blocks: int, cl_step: int = 1) -> int:
-    """Blocks the agent decides at ``epoch``: one more every ``cl_step`` epochs, at most all."""
-    return min(epoch // cl_step + 1, num_blocks)
+    """Blocks the agent decides at ``epoch``: the original's ``--cl_step`` switch.
+
+    Below ``num_blocks`` (K) the curriculum runs: min(epoch + 1, K) blocks, whatever the value;
+    K or more turns it off: all K blocks from the first epoch.
+    """
+    return min(epoch + 1, num_blocks) if cl_step < num_blocks else num_blocks
 
 
 def curriculum_mask(num_blocks: int, decided: int, device=None) -> torch.Tensor:
@@ -849,7 +882,7 @@ def evaluate(
             policy = policy_fn(inputs).float()  # (B, K)
             if decided is not None:
                 policy[:, ~curriculum_mask(policy.shape[1], decided, device)] = 1.0
-            preds = rnet(inputs, policy, masked=dense).float()
+            preds = rnet(inputs, policy, masked=dense or None).float()
         reward, match = get_reward(preds, targets, policy, penalty)
         indices.append(index[0] if index else torch.arange(seen, seen + len(targets)))
         seen += len(targets)
@@ -969,7 +1002,9 @@ def add_policy_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dense",
         action="store_true",
-        help="run every block on every image and mask the dropped ones, as the original did (slower; for comparison)",
+        help="run the ResNet in the original's masked form everywhere, also where the sparse form gives the same "
+        "numbers (evaluation, the frozen ResNet of curriculum learning): every kept block on every image; slower, "
+        "for comparison",
     )
     add_amp_flag(p)
 
@@ -1152,8 +1187,11 @@ def write_run_info(cv_dir: str | os.PathLike, args, resumed_at: int | None = Non
 def adjust_learning_rate(
     optimizer: torch.optim.Optimizer, base_lr: float, epoch: int, epoch_step: int, ratio: float
 ) -> float:
-    """lr = base * ratio ** (epoch // epoch_step), set on every parameter group."""
+    """lr = base * ratio ** (epoch // epoch_step), set on every parameter group; said at each decay
+    (and at epoch 0), as the original's console said it."""
     lr = base_lr * ratio ** (epoch // epoch_step)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if epoch % epoch_step == 0 and distributed.is_main():
+        print(f"# setting learning_rate to {lr:.2E}", flush=True)
     return lr

@@ -51,10 +51,10 @@ class Bottleneck(nn.Module):
 class DownsampleB(nn.Module):
     """Parameter-free shortcut: average-pool by the stride, then append zero channels."""
 
-    def __init__(self, n_in: int, n_out: int, stride: int):
+    def __init__(self, nIn: int, nOut: int, stride: int):  # the original's argument names
         super().__init__()
         self.avg = nn.AvgPool2d(stride)
-        self.expand_ratio = n_out // n_in
+        self.expand_ratio = nOut // nIn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avg(x)

@@ -62,33 +62,41 @@ class FlatResNet(nn.Module):
     # break even, groups of 1-4 run 1.5-2.5x slower).
     MIN_GROUP = 16
 
-    # Set by distributed.prepare under --parallel: in training every block runs, on no rows where
-    # no image keeps it, so that every process calls every BatchNorm layer in the same order.
-    uniform_graph = False
+    # Set by distributed.prepare under --parallel: sums a tensor over the processes. In training,
+    # every process then runs the same layers in the same order (a block on no rows where it has
+    # no image to run it on), so that every process calls every BatchNorm layer alike.
+    process_sum = None
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor, masked: bool = False) -> torch.Tensor:
-        """Per-image policies (B, K): block t runs only on the images whose policy keeps it.
+    def forward(self, x: torch.Tensor, policy: torch.Tensor, masked: bool | None = None) -> torch.Tensor:
+        """Per-image policies (B, K): block t runs for the images whose policy keeps it.
 
-        Two exact forms, chosen by the policies' statistics:
+        ``masked`` chooses the form:
+
+        - None (default): the original's numbers at the least cost. In training mode that is the
+          masked form (``forward_masked``): a kept block runs on the whole batch, so BatchNorm
+          normalises over every image, as in the original. In eval mode, where BatchNorm uses its
+          running statistics, the sparse forms below give the same numbers for less.
+        - True: the masked form in every mode (``--dense``, for comparison).
+        - False: the sparse forms in every mode (``--sparse``). In training mode BatchNorm then
+          normalises over the images that keep the block only, which changes the numbers.
+
+        The sparse forms, chosen by the policies' statistics:
 
         - row gathering (``_forward_rows``): for each block, the rows that keep it are gathered,
           run through it and written back. Its cost is K small gathers and scatters whatever the
-          policies, and BatchNorm in training mode normalises over the images that use the block.
-          Used in training, on CUDA (where it is K launches more rather than K per distinct policy),
-          and on CPU when the policies are varied.
+          policies. Used in training, on CUDA (where it is K launches more rather than K per
+          distinct policy), and on CPU when the policies are varied.
         - grouping by identical policy (``_forward_grouped``): each distinct policy runs once, with
           ``forward_single``, on the images that share it. On CPU, with few distinct policies
           (groups of ``MIN_GROUP`` images or more), it avoids the scatters and keeps each group's
-          activations in cache. Only in eval mode, where BatchNorm uses its running statistics, so
-          both forms give the masked form's numbers.
+          activations in cache. Only in eval mode.
 
-        ``masked=True`` runs ``forward_masked`` instead (through this entry point, so that
-        DistributedDataParallel sees the call).
+        Every form goes through this entry point, so that DistributedDataParallel sees the call.
         """
-        if masked:
-            return self.forward_masked(x, policy)
         if policy.shape != (x.shape[0], self.num_blocks):
             raise ValueError(f"policy shape {tuple(policy.shape)}, expected {(x.shape[0], self.num_blocks)}")
+        if masked or (masked is None and self.training):
+            return self.forward_masked(x, policy)
         keep = policy.bool()  # (B, K)
         if not self.training and x.device.type == "cpu" and x.shape[0] >= 2 * self.MIN_GROUP:
             distinct, groups = torch.unique(keep, dim=0, return_inverse=True)
@@ -96,9 +104,20 @@ class FlatResNet(nn.Module):
                 return self._forward_grouped(x, distinct, groups)
         return self._forward_rows(x, keep)
 
+    def _uniform(self) -> bool:
+        """True where every process must run the same layers (training under ``--parallel``)."""
+        return self.process_sum is not None and self.training
+
+    def _on_rows(self, block: nn.Module, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor):
+        """``residual`` with block(x) + residual (after ReLU) written into ``rows`` (n,)."""
+        out = F.relu(residual.index_select(0, rows) + block(x.index_select(0, rows)))
+        if torch.is_grad_enabled() and (out.requires_grad or residual.requires_grad):
+            return residual.index_copy(0, rows, out)  # autograd needs residual unchanged
+        return residual.index_copy_(0, rows, out)  # no copy of the whole batch
+
     def _forward_rows(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         counts = keep.sum(0).tolist()  # blocks kept per column, one host sync
-        uniform = self.uniform_graph and self.training  # eval-mode BatchNorm needs no other process
+        uniform = self._uniform()  # eval-mode BatchNorm needs no other process
         x = self.seed(x)
         batch = x.shape[0]
         for t, segment, k in self.block_positions():
@@ -109,12 +128,7 @@ class FlatResNet(nn.Module):
             elif counts[t] == 0 and not uniform:
                 x = residual
             else:
-                rows = keep[:, t].nonzero().squeeze(1)  # (n,)
-                out = F.relu(residual.index_select(0, rows) + block(x.index_select(0, rows)))
-                if torch.is_grad_enabled() and (out.requires_grad or residual.requires_grad):
-                    x = residual.index_copy(0, rows, out)  # autograd needs residual unchanged
-                else:
-                    x = residual.index_copy_(0, rows, out)  # no copy of the whole batch
+                x = self._on_rows(block, x, residual, keep[:, t].nonzero().squeeze(1))
         return self.head(x)
 
     def _forward_grouped(self, x: torch.Tensor, distinct: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -124,14 +138,30 @@ class FlatResNet(nn.Module):
         return torch.cat(outs).index_select(0, order)
 
     def forward_masked(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-        """The original's form: every block on every image, dropped rows masked out (reference)."""
-        mask = policy.to(x.dtype)
+        """The original's form: a block that some image keeps runs on every image, and the images
+        that drop it take the shortcut (``fx * mask + residual * (1 - mask)``); a block that no image
+        of the batch keeps is skipped (no computation, no BatchNorm running-statistics update)."""
+        mask = policy.to(x.dtype)  # (B, K)
+        local = (policy != 0).sum(0)  # (K,) images keeping each block
+        uniform = self._uniform()
+        # Under --parallel "no image keeps it" is a property of the whole batch, over every process.
+        counts = (self.process_sum(local) if uniform else local).tolist()  # one host sync
+        everyone = [n == x.shape[0] for n in local.tolist()]
+        no_rows = torch.zeros(0, dtype=torch.long, device=x.device)
         x = self.seed(x)
         for t, segment, k in self.block_positions():
             residual = self.ds[segment](x) if k == 0 else x
-            fx = F.relu(residual + self.blocks[segment][k](x))
-            m = mask[:, t].view(-1, 1, 1, 1)
-            x = fx * m + residual * (1 - m)
+            block = self.blocks[segment][k]
+            if counts[t] == 0:
+                # Skipped; under --parallel it runs on no rows, so that every process calls it.
+                x = self._on_rows(block, x, residual, no_rows) if uniform else residual
+                continue
+            fx = F.relu(residual + block(x))
+            if everyone[t]:
+                x = fx  # what the mask gives, bit for bit, without two more passes over the batch
+            else:
+                m = mask[:, t].view(-1, 1, 1, 1)
+                x = fx * m + residual * (1 - m)
         return self.head(x)
 
     def _init_weights(self):

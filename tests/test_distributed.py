@@ -1,5 +1,6 @@
 """--parallel under torchrun (Gloo, 2 processes on the CPU), --resume after SIGKILL, atomic writes."""
 
+import copy
 import os
 import random
 import re
@@ -20,6 +21,8 @@ from torch.utils.data import TensorDataset
 
 import distributed
 import utils
+from models.base import BasicBlock
+from models.resnet import FlatResNet32
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 49 images in batches of 16: the last batch has one image, so the second process takes an empty step.
@@ -149,6 +152,15 @@ def kill_after_first_save(script, args, cwd, folder, pattern=r"last\.t7"):
     return stdout
 
 
+def printed_after(stdout: str, done: int) -> list[str]:
+    """The lines an uninterrupted run printed for the epochs after ``done``."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"E: {done + 1} "))
+    while lines[start - 1].startswith(("training the last", "# setting learning_rate")):  # said before the epoch
+        start -= 1
+    return lines[start:]
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_a_killed_run_resumes_to_the_uninterrupted_result(name, single, workdir):
     script, args = flags(name, workdir, workdir / "killed")
@@ -167,9 +179,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(name, single, workdir)
     assert lines[0].startswith(f"resuming {folder}/")
     done = int(re.search(r"epoch (\d+) done", lines[0]).group(1))
     # The resumed run prints what the uninterrupted run printed from the next epoch on.
-    expected = single[name].splitlines()
-    start = next(i for i, line in enumerate(expected) if line.startswith(f"E: {done + 1} "))
-    assert lines[1:] == expected[start:]
+    assert lines[1:] == printed_after(single[name], done)
     assert sorted(t7_files(folder)) == sorted(finished + [released.name])  # the other file is kept
     for f in finished:
         a, b = utils.load_file(folder / f), utils.load_file(workdir / f"one/{name}/{f}")
@@ -184,8 +194,7 @@ def test_a_run_resumes_on_another_number_of_processes(single, workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     done = int(re.search(r"epoch (\d+) done", lines[0]).group(1))
-    expected = single["cl"].splitlines()
-    assert lines[1:] == expected[next(i for i, x in enumerate(expected) if x.startswith(f"E: {done + 1} ")) :]
+    assert lines[1:] == printed_after(single["cl"], done)
 
 
 def test_a_nan_in_parallel_stops_every_process_with_one_line(single, workdir):
@@ -307,6 +316,40 @@ def _compare_with_batchnorm(rank, splits):
 
 def test_global_batchnorm_is_batchnorm_over_every_process():
     mp.spawn(_global_bn_worker, args=(free_port(),), nprocs=2)
+
+
+def _masked_forward_worker(rank, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = FlatResNet32(BasicBlock, [2, 2, 2], num_classes=10).train()
+        reference = copy.deepcopy(net)
+        distributed.prepare(net)
+        x, w = torch.randn(8, 3, 32, 32), torch.randn(8, 10)
+        policy = (torch.rand(8, 6) < 0.5).float()
+        policy[:, 1] = torch.tensor([1.0, 1, 0, 0, 0, 0, 0, 0])  # kept by images of process 0 only
+        policy[:, 4] = 0  # kept by no image: skipped by both processes
+        share = slice(4 * rank, 4 * rank + 4)
+        out = net(x[share], policy[share])  # the masked form, as training defaults to
+        (out * w[share]).sum().backward()
+        expected = reference(x, policy)
+        (expected * w).sum().backward()
+        torch.testing.assert_close(out, expected[share], atol=1e-5, rtol=1e-5)
+        for (name, p), q in zip(net.named_parameters(), reference.parameters(), strict=True):
+            dist.all_reduce(p.grad)  # what DDP does, as a sum
+            torch.testing.assert_close(
+                p.grad, q.grad if q.grad is not None else torch.zeros_like(p), atol=1e-4, rtol=1e-4, msg=name
+            )
+        for (name, a), b in zip(net.state_dict().items(), reference.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_masked_form_over_two_processes_is_the_masked_form_over_the_batch():
+    """A block kept by one process's images runs in both (BatchNorm over the whole batch); one kept by
+    no image is skipped by both (no running-statistics update)."""
+    mp.spawn(_masked_forward_worker, args=(free_port(),), nprocs=2)
 
 
 def test_collect_orders_by_index_and_drops_repeats():

@@ -165,19 +165,56 @@ def test_grouped_form_gradients_match_masked_form():
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
 
 
-def test_training_mode_gathers_rows_and_normalises_over_the_images_that_use_a_block():
+def batch_sizes_seen_by(module, fn) -> list[int]:
+    """Batch sizes that reach ``module`` while ``fn`` runs."""
+    seen = []
+    hook = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_training_mode_is_the_original_masked_form_by_default():
+    """In training a kept block runs on the whole batch (BatchNorm over all 64 images), as in the original."""
+    net = FlatResNet32(BasicBlock, [1, 1, 1], num_classes=10).train()
+    x = torch.randn(64, 3, 32, 32)
+    policy = torch.ones(64, 3)
+    policy[:, 1] = torch.arange(64) % 2  # block 1 used by half the images
+    assert batch_sizes_seen_by(net.blocks[1][0].bn1, lambda: net(x, policy)) == [64]
+    reference = FlatResNet32(BasicBlock, [1, 1, 1], num_classes=10).train()
+    reference.load_state_dict(net.state_dict())
+    out, expected = net(x, policy), reference.forward_masked(x, policy)
+    assert torch.equal(out, expected)
+    assert torch.equal(net.blocks[1][0].bn1.running_mean, reference.blocks[1][0].bn1.running_mean)
+
+
+def test_sparse_training_gathers_rows_and_normalises_over_the_images_that_use_a_block():
     net = FlatResNet32(BasicBlock, [1, 1, 1], num_classes=10).train()
     x = torch.randn(64, 3, 32, 32)
     policy = few_policies(64, 1, 3)
     policy[:, 1] = torch.arange(64) % 2  # block 1 used by half the images
-    net(x, policy).sum().backward()  # rows path: gradients reach every kept block
+    net(x, policy, masked=False).sum().backward()  # rows path: gradients reach every kept block
     assert all(p.grad is not None for p in net.blocks[1][0].parameters())
     # BatchNorm statistics of block 1 come from its 32 images only.
-    seen = []
-    hook = net.blocks[1][0].bn1.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
-    net(x, policy)
-    hook.remove()
-    assert seen == [32]
+    assert batch_sizes_seen_by(net.blocks[1][0].bn1, lambda: net(x, policy, masked=False)) == [32]
+
+
+@pytest.mark.parametrize("masked", [None, True, False])
+def test_a_block_no_image_keeps_is_skipped_in_training(masked):
+    """No computation, no gradient and no BatchNorm update for a block the whole batch drops."""
+    net = FlatResNet32(BasicBlock, [2, 2, 2], num_classes=10).train()
+    x = torch.randn(8, 3, 32, 32)
+    policy = (torch.rand(8, 6) < 0.5).float()
+    policy[0] = 1
+    policy[:, 2] = 0  # block 2 (segment 1, block 0: its shortcut still downsamples) dropped by every image
+    bn = net.blocks[1][0].bn1
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    assert batch_sizes_seen_by(bn, lambda: net(x, policy, masked=masked).sum().backward()) == []
+    assert all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in net.blocks[1][0].parameters())
+    assert all(p.grad is not None for p in net.blocks[1][1].parameters())
 
 
 def test_saturated_keep_probabilities_still_learn_under_bfloat16_autocast():

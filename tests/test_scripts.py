@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+import utils
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATS = r"A: \d\.\d{3} \| R: -?\d\.\d{2}E[+-]\d{2} \| S: \d+\.\d{3} \| V: \d+\.\d{3} \| #: \d+"
 FAKE = ["--model", "R20_C10", "--dummy", 48, "--batch_size", 16]  # a tiny fake-data run
@@ -80,6 +82,9 @@ def test_cl_training(curriculum, workdir):
     assert [line.split(" |")[0] for line in train] == ["E: 0", "E: 1", "E: 2"]
     assert all(re.fullmatch(rf"E: \d+ \| {STATS}", line) for line in train)
     assert len(test) == 2 and all(re.fullmatch(rf"TS - {STATS}", line) for line in test)
+    assert [line for line in lines if line.startswith("training")] == [
+        f"training the last {n} blocks ..." for n in (1, 2, 3)
+    ]
     # Epoch 0: the agent decides only the last block, so at least 8 of 9 blocks run.
     assert float(re.search(r"S: (\S+)", train[0]).group(1)) >= 8
     saved = checkpoints(workdir / "cv/cl")
@@ -96,7 +101,9 @@ def test_cl_training_resumes_from_the_next_epoch(curriculum, workdir):
         "cl_training.py", *FAKE, "--max_epochs", 0, "--cv_dir", "cv/cl", "--load", f"cv/cl/{last}", cwd=workdir
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0].startswith("E: 3 |")
+    # The curriculum goes on where it was: the agent decides min(e + 1, K) blocks at epoch e.
+    assert result.stdout.splitlines()[0] == "training the last 4 blocks ..."
+    assert result.stdout.splitlines()[1].startswith("E: 3 |")
     assert int(re.match(CKPT, checkpoints(workdir / "cv/cl")[-1]).group(1)) == 3
 
 
@@ -110,7 +117,7 @@ def test_dense_runs_the_masked_form_with_the_same_numbers(curriculum, workdir):
     args = ["--max_epochs", 0, "--cv_dir", "cv/ft_dense", "--pretrained", f"cv/cl/{cl}", "--dense"]
     result = run("finetune.py", *FAKE, *args, cwd=workdir)
     assert result.returncode == 0, result.stderr
-    assert re.fullmatch(rf"E: 0 \| {STATS}\nTS - {STATS}\n", result.stdout)
+    assert re.fullmatch(rf"# setting learning_rate to 1.00E-04\nE: 0 \| {STATS}\nTS - {STATS}\n", result.stdout)
 
 
 def test_a_nan_stops_the_run_and_leaves_the_checkpoints_untouched(curriculum, workdir):
@@ -125,6 +132,23 @@ def test_a_nan_stops_the_run_and_leaves_the_checkpoints_untouched(curriculum, wo
     assert "Traceback" not in result.stderr
     after = {f: (workdir / "cv/cl_nan" / f).read_bytes() for f in checkpoints(workdir / "cv/cl_nan")}
     assert after == before
+
+
+def test_cl_step_k_or_more_turns_the_curriculum_off(pretrained, workdir):
+    """--cl_step is the original's switch: with K (9 here) or more the agent decides every block at once."""
+    for cl_step in (9, 20):
+        args = ["--max_epochs", 1, "--cv_dir", f"cv/cl_step{cl_step}", "--cl_step", cl_step]
+        result = run("cl_training.py", *FAKE, *args, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stdout.splitlines() if line.startswith("training")] == [
+            "training the last 9 blocks ..."
+        ] * 2
+    # Any value below K is the default curriculum, whatever the value.
+    result = run("cl_training.py", *FAKE, "--max_epochs", 2, "--cv_dir", "cv/cl_step5", "--cl_step", 5, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stdout.splitlines() if line.startswith("training")] == [
+        f"training the last {n} blocks ..." for n in (1, 2, 3)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +172,33 @@ def test_finetune(finetuned, workdir):
     # The ResNet was trained: its weights differ from the pretrained ones.
     base = torch.load(next((workdir / "cv/pretrained/R20_C10").glob("pk_*.t7")), weights_only=True)
     assert not torch.equal(ckpt["resnet"]["fc.weight"], base["state_dict"]["fc.weight"])
+
+
+def test_cl_training_loads_only_the_agent_of_a_finetuning_checkpoint(finetuned, workdir, monkeypatch):
+    """As in the original: --load gives the agent and the epoch; the frozen ResNet stays the base model."""
+    ft = checkpoints(workdir / "cv/ft")[-1]
+    args = ["--max_epochs", 0, "--cv_dir", "cv/cl_from_ft", "--load", f"cv/ft/{ft}"]
+    result = run("cl_training.py", *FAKE, *args, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith("E: 2 |")  # the finetuning checkpoint's epoch 1, plus one
+    monkeypatch.chdir(workdir)
+    base, _ = utils.get_model("R20_C10")
+    finetuned_rnet, agent = utils.build_model("R20_C10")
+    utils.load_checkpoint(finetuned_rnet, agent, f"cv/ft/{ft}")
+    digest = torch.load(workdir / "cv/cl_from_ft/last.t7", weights_only=True)["resnet_digest"]
+    assert digest == utils.state_digest(base) != utils.state_digest(finetuned_rnet)
+
+
+def test_finetune_sparse_is_an_opt_in(curriculum, workdir):
+    cl = checkpoints(workdir / "cv/cl")[-1]
+    args = ["--max_epochs", 0, "--pretrained", f"cv/cl/{cl}"]
+    result = run("finetune.py", *FAKE, *args, "--cv_dir", "cv/ft_sparse", "--sparse", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"# setting learning_rate to 1.00E-04\nE: 0 \| {STATS}\nTS - {STATS}\n", result.stdout)
+    assert json.loads((workdir / "cv/ft_sparse/args.json").read_text())["args"]["sparse"] is True
+    both = run("finetune.py", *FAKE, *args, "--cv_dir", "cv/ft_both", "--sparse", "--dense", cwd=workdir)
+    assert_one_line_error(both, "--sparse and --dense")
+    assert not (workdir / "cv/ft_both").exists()
 
 
 def test_test_py_on_a_finetuned_checkpoint(finetuned, workdir):

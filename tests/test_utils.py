@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,13 @@ def test_reward_values():
 
 def test_curriculum_blocks_and_mask():
     assert [utils.curriculum_blocks(e, 4) for e in range(6)] == [1, 2, 3, 4, 4, 4]
-    assert [utils.curriculum_blocks(e, 4, cl_step=2) for e in range(6)] == [1, 1, 2, 2, 3, 3]
+    # --cl_step is the original's switch: any value below K runs the same curriculum ...
+    for cl_step in (1, 2, 3):
+        assert [utils.curriculum_blocks(e, 4, cl_step) for e in range(6)] == [1, 2, 3, 4, 4, 4]
+    # ... K or more decides every block from the first epoch (also after a resumed start).
+    for cl_step in (4, 9):
+        assert [utils.curriculum_blocks(e, 4, cl_step) for e in (0, 1, 7)] == [4, 4, 4]
+    assert utils.curriculum_blocks(5, 54) == 6  # --load at epoch 5 continues the curriculum where it was
     assert utils.curriculum_mask(5, 2).tolist() == [False, False, False, True, True]
     assert utils.curriculum_mask(3, 3).all()
 
@@ -108,6 +115,54 @@ def test_transforms_keep_the_r32_c10_normalisation_quirk():
     grey = Image.fromarray(np.zeros((28, 28), dtype=np.uint8), mode="L")
     train, test = utils.get_transforms("R20_FMNIST", "FMNIST")
     assert test(grey).shape == (3, 32, 32) and train(grey).shape == (3, 32, 32)
+
+
+def test_transforms_take_the_originals_depth_spelling_and_the_whole_name():
+    """The original calls get_transforms('R32', 'C10'): the same transforms as 'R32_C10'."""
+    from PIL import Image
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for depth, dset in [("R32", "C10"), ("R110", "C10"), ("R32", "C100"), ("R20", "FMNIST"), ("R101", "ImgNet")]:
+        short, whole = utils.get_transforms(depth, dset), utils.get_transforms(f"{depth}_{dset}", dset)
+        torch.manual_seed(1)
+        a = [t(img) for t in short]
+        torch.manual_seed(1)
+        b = [t(img) for t in whole]
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), (depth, dset)
+    # The R32_C10 quirk holds for the short spelling: normalised, unlike R110_C10.
+    white = Image.fromarray(np.full((32, 32, 3), 255, dtype=np.uint8))
+    assert torch.allclose(
+        utils.get_transforms("R32", "C10")[1](white)[0], torch.full((32, 32), (255 - 125.3) / 63.0), atol=1e-5
+    )
+    assert torch.equal(utils.get_transforms("R110", "C10")[1](white), torch.ones(3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "rnet, dset, message",
+    [
+        ("R33", "C10", "unknown ResNet 'R33' for dataset C10; valid: R20, R32, R44, R56, R110"),
+        ("R101", "C10", "valid: R20, R32, R44, R56, R110"),
+        ("R32_C100", "C10", "unknown ResNet 'R32_C100' for dataset C10"),
+        ("R32", "C11", "unknown dataset 'C11'; valid datasets: C10, C100, FMNIST, ImgNet"),
+        ("R32", "ImgNet", "valid: R18, R34, R50, R101, R152"),
+    ],
+)
+def test_transforms_of_unknown_names_are_errors_naming_the_valid_ones(rnet, dset, message):
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        utils.get_transforms(rnet, dset)
+
+
+def test_public_api_takes_the_originals_argument_names(tmp_path):
+    """User code written for the original passes these by keyword; 'nil' loads nothing."""
+    from models.base import DownsampleB
+
+    assert DownsampleB(nIn=16, nOut=32, stride=2).expand_ratio == 2
+    rnet, agent = utils.build_model("R20_C10")
+    other, _ = utils.build_model("R20_C10")
+    utils.load_weights_to_flatresnet(source_model={"state_dict": other.state_dict()}, target_model=rnet)
+    assert torch.equal(rnet.fc.weight, other.fc.weight)
+    assert utils.load_checkpoint(rnet, agent, load="nil") is None
+    assert torch.equal(rnet.fc.weight, other.fc.weight)
 
 
 def write_idx(path, array):
