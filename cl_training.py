@@ -27,7 +27,7 @@ def get_args_parser():
     p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
     p.add_argument(
         "--cl_step",
-        type=utils.positive_int,
+        type=int,
         default=1,
         help="curriculum switch, as in the original: below the number of blocks K, the agent decides the last "
         "min(epoch + 1, K) blocks at each epoch; K or more: every block from the first epoch (no curriculum)",

@@ -368,7 +368,7 @@ def models_for_run(
     Returns (rnet, agent, checkpoint dict or {}).
     """
     rnet, agent = build_model(model)
-    if not load:
+    if not load or load == "nil":  # 'nil': the original's name for no checkpoint
         ckpt = {}
     elif load_resnet:
         ckpt = load_checkpoint(rnet, agent, load)
@@ -1097,7 +1097,7 @@ def check_resume_args(saved: dict, args, path) -> None:
     current = run_args(args)
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if changed:
-        was = ", ".join(f"--{k} {saved.get(k)}" for k in changed)
+        was = ", ".join(f"--{k} {saved[k]}" if k in saved else f"no --{k} (an earlier version)" for k in changed)
         now = ", ".join(f"--{k} {current.get(k)}" for k in changed)
         raise UserError(
             f"cannot resume {path}: it was written with {was}, this command has {now} "

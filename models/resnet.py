@@ -141,12 +141,11 @@ class FlatResNet(nn.Module):
         """The original's form: a block that some image keeps runs on every image, and the images
         that drop it take the shortcut (``fx * mask + residual * (1 - mask)``); a block that no image
         of the batch keeps is skipped (no computation, no BatchNorm running-statistics update)."""
-        mask = policy.to(x.dtype)  # (B, K)
         local = (policy != 0).sum(0)  # (K,) images keeping each block
         uniform = self._uniform()
         # Under --parallel "no image keeps it" is a property of the whole batch, over every process.
         counts = (self.process_sum(local) if uniform else local).tolist()  # one host sync
-        everyone = [n == x.shape[0] for n in local.tolist()]
+        everyone = [n == x.shape[0] for n in (counts if not uniform else local.tolist())]
         no_rows = torch.zeros(0, dtype=torch.long, device=x.device)
         x = self.seed(x)
         for t, segment, k in self.block_positions():
@@ -160,7 +159,7 @@ class FlatResNet(nn.Module):
             if everyone[t]:
                 x = fx  # what the mask gives, bit for bit, without two more passes over the batch
             else:
-                m = mask[:, t].view(-1, 1, 1, 1)
+                m = policy[:, t].to(fx.dtype).view(-1, 1, 1, 1)  # fx's dtype: bfloat16 stays so under --amp
                 x = fx * m + residual * (1 - m)
         return self.head(x)
 

@@ -217,6 +217,21 @@ def test_a_block_no_image_keeps_is_skipped_in_training(masked):
     assert all(p.grad is not None for p in net.blocks[1][1].parameters())
 
 
+def test_the_masked_form_keeps_bfloat16_under_autocast():
+    """Under --amp the mask takes the activations' dtype: every block sees bfloat16, as in the sparse form."""
+    net = FlatResNet32(BasicBlock, [2, 2, 2], num_classes=10).train()
+    x = torch.randn(8, 3, 32, 32)
+    policy = (torch.rand(8, 6) < 0.5).float()
+    policy[:, 0], policy[0, 1:] = 1, 0  # one block kept by all, the others by some
+    dtypes = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: dtypes.append(a[0].dtype)) for s in net.blocks for b in s]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x, policy)
+    for h in hooks:
+        h.remove()
+    assert dtypes == [torch.bfloat16] * 6
+
+
 def test_saturated_keep_probabilities_still_learn_under_bfloat16_autocast():
     """Under autocast the sigmoid stays in float32, so a logit of 8 still gets a gradient."""
     agent = Policy32([1, 1, 1], num_blocks=9)

@@ -143,12 +143,14 @@ def test_cl_step_k_or_more_turns_the_curriculum_off(pretrained, workdir):
         assert [line for line in result.stdout.splitlines() if line.startswith("training")] == [
             "training the last 9 blocks ..."
         ] * 2
-    # Any value below K is the default curriculum, whatever the value.
-    result = run("cl_training.py", *FAKE, "--max_epochs", 2, "--cv_dir", "cv/cl_step5", "--cl_step", 5, cwd=workdir)
-    assert result.returncode == 0, result.stderr
-    assert [line for line in result.stdout.splitlines() if line.startswith("training")] == [
-        f"training the last {n} blocks ..." for n in (1, 2, 3)
-    ]
+    # Any value below K is the default curriculum, whatever the value (the original took any integer).
+    for cl_step in (5, 0):
+        args = ["--max_epochs", 2, "--cv_dir", f"cv/cl_step{cl_step}", "--cl_step", cl_step]
+        result = run("cl_training.py", *FAKE, *args, cwd=workdir)
+        assert result.returncode == 0, result.stderr
+        assert [line for line in result.stdout.splitlines() if line.startswith("training")] == [
+            f"training the last {n} blocks ..." for n in (1, 2, 3)
+        ]
 
 
 @pytest.fixture(scope="module")

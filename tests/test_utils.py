@@ -163,6 +163,8 @@ def test_public_api_takes_the_originals_argument_names(tmp_path):
     assert torch.equal(rnet.fc.weight, other.fc.weight)
     assert utils.load_checkpoint(rnet, agent, load="nil") is None
     assert torch.equal(rnet.fc.weight, other.fc.weight)
+    _, _, ckpt = utils.models_for_run("R20_C10", "nil", dummy=True)  # no checkpoint, as with None
+    assert ckpt == {}
 
 
 def write_idx(path, array):
