@@ -40,7 +40,8 @@ def get_args_parser():
     p.add_argument(
         "--load",
         default=None,
-        help="checkpoint to start from: a pk_E file of this script resumes its run, other files give initial weights",
+        help="checkpoint to start from: a pk_E file of an unfinished run of this script continues that run, "
+        "other files (a finished run's, a released one) give initial weights",
     )
     utils.add_run_flags(
         p,
@@ -150,22 +151,18 @@ def main(args):
         writer.add_scalar("train_loss", loss_sum / seen, epoch)
         writer.add_scalar("train_accuracy", correct / seen, epoch)
         writer.add_scalar("test_accuracy", acc, epoch)
-        state = {
-            "state_dict": rnet.state_dict(),
-            "epoch": epoch,
-            "acc": acc,
-            "model": args.model,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
+        state = {"state_dict": rnet.state_dict(), "epoch": epoch, "acc": acc, "model": args.model}
+        training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         path = utils.Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
-        utils.save_checkpoint(state, path)
+        # The run's last file is the base model alone (weights and numbers); earlier ones also hold
+        # the optimizer and the schedule, so that --load can continue the run from them.
+        utils.save_checkpoint(state if epoch == args.epochs else {**state, **training}, path)
         # Keep only the newest file of this run, so get_model finds one unambiguous base model.
         if previous is not None and previous != path and previous.is_file():
             previous.unlink()
         previous = path
         # Last: a run killed before this point repeats the epoch, identically.
-        utils.save_resume(cv_dir, args, {**state, "checkpoint": path.name})
+        utils.save_resume(cv_dir, args, {**state, **training, "checkpoint": path.name})
     if writer is not None:
         writer.close()
     distributed.cleanup()

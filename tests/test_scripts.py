@@ -56,6 +56,7 @@ def test_pretrain(pretrained, workdir):
     assert info["args"]["epochs"] == 2 and info["versions"]["torch"] == torch.__version__
     ckpt = torch.load(folder / files[-1] if files[-1].startswith("pk_") else folder / files[0], weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["model"] == "R20_C10"
+    assert set(ckpt) == {"state_dict", "epoch", "acc", "model"}  # a finished run's file: the base model alone
 
 
 def test_pretrain_with_stochastic_depth(tmp_path):
