@@ -144,8 +144,9 @@ class FlatResNet(nn.Module):
         local = (policy != 0).sum(0)  # (K,) images keeping each block
         uniform = self._uniform()
         # Under --parallel "no image keeps it" is a property of the whole batch, over every process.
-        counts = (self.process_sum(local) if uniform else local).tolist()  # one host sync
-        everyone = [n == x.shape[0] for n in (counts if not uniform else local.tolist())]
+        local_counts = local.tolist()  # one host sync (two under --parallel)
+        counts = self.process_sum(local).tolist() if uniform else local_counts
+        everyone = [n == x.shape[0] for n in local_counts]
         no_rows = torch.zeros(0, dtype=torch.long, device=x.device)
         x = self.seed(x)
         for t, segment, k in self.block_positions():
