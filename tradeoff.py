@@ -6,7 +6,8 @@
 evaluates each checkpoint with its greedy policies (as test.py does), and the baselines on the
 base ResNet (or on --baseline_resnet's): the first K blocks and K random blocks per image, for
 each K of --ks (default: the checkpoints' mean block counts, rounded), and the full network. It
-writes <out>.csv (one row per point) and <out>.png (accuracy against FLOPs per image).
+writes <out>.csv (one row per point) and <out>.png (accuracy against FLOPs per image), and prints
+each BlockDrop point's margin over each baseline at the same FLOPs (the baseline interpolated).
 """
 
 import csv
@@ -75,6 +76,42 @@ def point(method, k, checkpoint, figures) -> dict:
     }
 
 
+def equal_flops_margins(rows) -> list[dict]:
+    """Each BlockDrop point against each baseline at the same FLOPs per image.
+
+    A baseline's accuracy at the point's FLOPs is interpolated linearly between its two nearest
+    points (the full network is every baseline's K = all blocks); None outside its range.
+    """
+    full = [r for r in rows if r["method"] == "full"]
+    found = []
+    for r in (r for r in rows if r["method"] == "blockdrop"):
+        margins = {}
+        for method in ("first_k", "random_k"):
+            curve = sorted((b["flops"], b["accuracy"]) for b in rows if b["method"] == method)
+            if not curve:
+                continue
+            curve = sorted(curve + [(b["flops"], b["accuracy"]) for b in full])
+            x, y = zip(*curve)
+            margins[method] = None if not x[0] <= r["flops"] <= x[-1] else float(np.interp(r["flops"], x, y))
+        found.append({"checkpoint": r["checkpoint"], "flops": r["flops"], "accuracy": r["accuracy"], **margins})
+    return found
+
+
+def print_margins(rows) -> None:
+    for m in equal_flops_margins(rows):
+        parts = []
+        for method in ("first_k", "random_k"):
+            if method in m:
+                accuracy = m[method]
+                parts.append(
+                    f"{method} outside its FLOPs range"
+                    if accuracy is None
+                    else f"{method} {accuracy:.3f} ({100 * (m['accuracy'] - accuracy):+.1f} points)"
+                )
+        if parts:
+            print(f"at {m['flops']:.2E} FLOPs/img: BlockDrop {m['accuracy']:.3f}; " + ", ".join(parts))
+
+
 def plot(rows, path, model: str, dpi: int) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method, style in STYLE.items():
@@ -141,6 +178,7 @@ def main(args):
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, png_path, args.model, args.dpi)
+    print_margins(rows)
     print(f"wrote {csv_path} ({len(rows)} points) and {png_path}")
 
 

@@ -134,6 +134,8 @@ def test_tradeoff_writes_one_row_per_point_and_the_curve(checkpoints):
         assert profile[1] == f"Block Usage: {float(row['blocks']):.3f} \u00b1 {float(row['blocks_std']):.3f}"
         assert profile[2] == f"FLOPs/img: {float(row['flops']):.2E} \u00b1 {float(row['flops_std']):.2E}"
     assert_png(folder / "curve.png")
+    margins = [line for line in result.stdout.splitlines() if line.startswith("at ")]
+    assert len(margins) == 2 and all("BlockDrop" in m and "first_k" in m and "random_k" in m for m in margins)
     # Without --ks the baselines take the checkpoints' rounded block counts.
     default = run("tradeoff.py", "--load", paths[0], "--baselines", "first_k", "--out", "one", cwd=folder)
     assert default.returncode == 0, default.stderr
@@ -144,6 +146,28 @@ def test_tradeoff_writes_one_row_per_point_and_the_curve(checkpoints):
     for out in (".", "nowhere/curve"):
         bad = run("tradeoff.py", "--load", paths[0], "--out", out, cwd=folder)
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--out" in bad.stderr
+
+
+def test_tradeoff_margins_interpolate_the_baselines_at_equal_flops():
+    import tradeoff
+
+    def row(method, flops, accuracy, checkpoint=""):
+        return {"method": method, "flops": flops, "accuracy": accuracy, "checkpoint": checkpoint}
+
+    rows = [
+        row("blockdrop", 3.0, 0.9, "a.t7"),
+        row("blockdrop", 9.0, 0.9, "b.t7"),
+        row("blockdrop", 1.0, 0.9, "c.t7"),
+        row("full", 10.0, 0.95),
+        row("first_k", 2.0, 0.2),
+        row("first_k", 6.0, 0.6),
+        row("random_k", 4.0, 0.5),
+    ]
+    a, b, c = tradeoff.equal_flops_margins(rows)
+    assert a == {"checkpoint": "a.t7", "flops": 3.0, "accuracy": 0.9, "first_k": pytest.approx(0.3), "random_k": None}
+    # The full network closes both curves: between (6, 0.6) and (10, 0.95) for first K.
+    assert b["first_k"] == pytest.approx(0.6 + 0.35 * 3 / 4) and b["random_k"] == pytest.approx(0.5 + 0.45 * 5 / 6)
+    assert c["first_k"] is None and c["random_k"] is None  # below both curves
 
 
 def tensorboard_events(folder):
