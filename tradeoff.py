@@ -82,17 +82,18 @@ def equal_flops_margins(rows) -> list[dict]:
     A baseline's accuracy at the point's FLOPs is interpolated linearly between its two nearest
     points (the full network is every baseline's K = all blocks); None outside its range.
     """
-    full = [r for r in rows if r["method"] == "full"]
+    curves = {}  # method: (FLOPs, accuracies), sorted by FLOPs, the full network included
+    for method in ("first_k", "random_k"):
+        if any(b["method"] == method for b in rows):
+            curves[method] = tuple(
+                zip(*sorted((b["flops"], b["accuracy"]) for b in rows if b["method"] in (method, "full")))
+            )
     found = []
     for r in (r for r in rows if r["method"] == "blockdrop"):
-        margins = {}
-        for method in ("first_k", "random_k"):
-            curve = sorted((b["flops"], b["accuracy"]) for b in rows if b["method"] == method)
-            if not curve:
-                continue
-            curve = sorted(curve + [(b["flops"], b["accuracy"]) for b in full])
-            x, y = zip(*curve)
-            margins[method] = None if not x[0] <= r["flops"] <= x[-1] else float(np.interp(r["flops"], x, y))
+        margins = {
+            m: float(np.interp(r["flops"], x, y)) if x[0] <= r["flops"] <= x[-1] else None
+            for m, (x, y) in curves.items()
+        }
         found.append({"checkpoint": r["checkpoint"], "flops": r["flops"], "accuracy": r["accuracy"], **margins})
     return found
 
