@@ -102,6 +102,50 @@ def test_shipped_fashion_mnist_base_models_are_found_with_no_flag(model, monkeyp
     assert all(torch.equal(v, rnet.state_dict()[k]) for k, v in ckpt["state_dict"].items())
 
 
+TEST_SLICE = ROOT / "tests" / "data"
+
+
+def fashion_mnist_test_slice(model: str) -> utils.IdxImages:
+    """The first 1,000 of Fashion-MNIST's 10,000 test images (tests/data/), with the model's test transform."""
+    spec = utils.model_spec(model)
+    _, transform = utils.get_transforms(spec.name, spec.dataset)
+    return utils.IdxImages(
+        TEST_SLICE / "t10k-first1000-images-idx3-ubyte.gz", TEST_SLICE / "t10k-first1000-labels-idx1-ubyte.gz", transform
+    )
+
+
+def test_the_test_slice_is_the_start_of_the_fashion_mnist_test_set():
+    full = Path(utils.FASHION_MNIST_DIR)
+    if not (full / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    part = fashion_mnist_test_slice("R32_FMNIST")
+    whole = utils.IdxImages(full / "t10k-images-idx3-ubyte.gz", full / "t10k-labels-idx1-ubyte.gz")
+    assert len(part) == 1000
+    assert np.array_equal(part.images, whole.images[:1000]) and np.array_equal(part.targets, whole.targets[:1000])
+
+
+# The shipped BlockDrop models (cv/README.md) with their figures on the first 1,000 test images, as
+# measured when they were shipped: accuracy and mean blocks used, greedy policies.
+SHIPPED_BLOCKDROP = [
+    ("R32_FMNIST", "cv/finetuned/R32_FMNIST_gamma_1/ckpt_E_10_A_0.934_R_6.65E-01_S_7.00_#_1.t7", 0.949, 7.0),
+]
+
+
+@pytest.mark.parametrize("model, path, accuracy, blocks", SHIPPED_BLOCKDROP)
+def test_shipped_blockdrop_models_give_their_recorded_figures(model, path, accuracy, blocks, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"agent", "resnet", "epoch", "reward", "acc"}
+    assert all(v.dtype in (torch.float32, torch.int64) for key in ("agent", "resnet") for v in ckpt[key].values())
+    assert f"_A_{ckpt['acc']:.3f}_" in path  # the full test set's accuracy, in the original's file name
+    rnet, agent, _ = utils.models_for_run(model, path, init_agent=False)  # strict loading
+    cpu = torch.device("cpu")
+    loader = utils.make_loader(fashion_mnist_test_slice(model), 500, False, 0, cpu)
+    measured, used, *_ = utils.profile(rnet, agent, loader, cpu, utils.model_spec(model).input_size)
+    assert measured == pytest.approx(accuracy, abs=0.0015)  # one image either way
+    assert used == pytest.approx(blocks, abs=0.01)
+
+
 def test_released_imagenet_base_model_in_torchvision_naming(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with torch.device("meta"):
