@@ -19,13 +19,11 @@ by default (``--dense``: masked, the same numbers); finetuning runs masked by de
 original (``--sparse``: sparse, other BatchNorm statistics).
 """
 
-import argparse
 import json
 import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -83,10 +81,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast's dtype
 
 
 def time_alternating(fns: dict, device: torch.device, args) -> dict[str, float]:
@@ -118,7 +113,8 @@ def inference_inputs(args, spec, device):
     return images.to(device), policies.to(device)
 
 
-def benchmark_inference(args, device) -> dict:
+def benchmark_inference(args, rt) -> dict:
+    device = rt.device
     spec = utils.model_spec(args.model)
     if args.load:
         rnet, agent, _ = utils.models_for_run(args.model, args.load, bool(args.dummy), init_agent=False)
@@ -131,7 +127,7 @@ def benchmark_inference(args, device) -> dict:
     agent.to(memory_format=memory)
     images, policies = inference_inputs(args, spec, device)
     images = images.contiguous(memory_format=memory)
-    with torch.inference_mode(), autocast(device, args.precision):
+    with torch.inference_mode(), rt.autocast():
         if policies is None:
             policies = torch.cat([utils.greedy_policy(agent, x) for x in images.split(max(args.batch_sizes))])
 
@@ -155,7 +151,7 @@ def benchmark_inference(args, device) -> dict:
         }
         if args.masked:
             fns["masked"] = lambda c=chunks: [rnet.forward_masked(x, p) for x, p in c]
-        with torch.inference_mode(), autocast(device, args.precision):
+        with torch.inference_mode(), rt.autocast():
             seconds = time_alternating(fns, device, args)
         n = images.shape[0]
         row = {"batch_size": batch, "images": n}
@@ -202,7 +198,8 @@ def keep_about(agent, rate: float, images: torch.Tensor, seed: int) -> None:
         agent.logit.bias.copy_((agent.logit.bias - mean) / std + target)
 
 
-def benchmark_training(args, device) -> dict:
+def benchmark_training(args, rt) -> dict:
+    device = rt.device
     if args.dummy == 0:
         raise utils.UserError("--training runs on fake data: give --dummy N (e.g. --dummy 1024)")
     trainset, _ = utils.get_data(args)
@@ -218,34 +215,28 @@ def benchmark_training(args, device) -> dict:
             )
             rnet.to(device)
             agent.to(device)
-            penalty = -1.0 if stage == "curriculum" else -5.0
             # The scripts' defaults: curriculum learning runs its frozen ResNet sparse (--dense: masked),
-            # finetuning trains in the original's masked form (--sparse: sparse).
-            ns = argparse.Namespace(
-                alpha=0.8,
-                penalty=penalty,
-                beta=0.1,
-                dense=stage == "curriculum" and form == "masked",
-                sparse=stage == "finetune" and form == "sparse",
-                amp=args.precision == "bf16",
-                seed=args.seed,
-            )
+            # finetuning trains in the original's masked form (--sparse: sparse). Their own parsers give
+            # every other flag its default.
+            flags = ["--model", args.model, "--seed", str(args.seed)]
             if stage == "curriculum":
+                ns = cl_training.get_args_parser().parse_args(flags + (["--dense"] if form == "masked" else []))
                 for p in rnet.parameters():
                     p.requires_grad_(False)
-                optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+                optimizer = torch.optim.Adam(agent.parameters(), lr=ns.lr)
 
                 def epoch(rnet=rnet, agent=agent, optimizer=optimizer, ns=ns):
-                    return cl_training.train_epoch(ns, rnet, agent, loader, optimizer, device, rnet.num_blocks)
+                    return cl_training.train_epoch(ns, rnet, agent, loader, optimizer, rt, rnet.num_blocks)
             else:
-                optimizer = torch.optim.Adam([*agent.parameters(), *rnet.parameters()], lr=1e-4)
+                ns = finetune.get_args_parser().parse_args(flags + (["--sparse"] if form == "sparse" else []))
+                optimizer = torch.optim.Adam([*agent.parameters(), *rnet.parameters()], lr=ns.lr)
 
                 def epoch(rnet=rnet, agent=agent, optimizer=optimizer, ns=ns):
-                    return finetune.train_epoch(ns, rnet, agent, loader, optimizer, device)
+                    return finetune.train_epoch(ns, rnet, agent, loader, optimizer, rt)
 
             seconds = time_alternating({"epoch": epoch}, device, args)["epoch"]
             stats, _ = epoch()
-            row[form] = {"images_per_s": len(trainset) / seconds, "blocks_per_image": stats[2]}
+            row[form] = {"images_per_s": len(trainset) / seconds, "blocks_per_image": stats.blocks_mean}
         row["speedup"] = row["sparse"]["images_per_s"] / row["masked"]["images_per_s"]
         rows.append(row)
     return {"model": args.model, "keep_rate": args.keep_rate, "results": rows}
@@ -284,7 +275,8 @@ def print_table(info: dict, training: bool) -> None:
 
 
 def main(args):
-    device = utils.get_device(args.device)
+    rt = utils.Runtime(utils.get_device(args.device), PRECISIONS[args.precision])
+    device = rt.device
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.precision == "fp16" and device.type != "cuda":
@@ -312,7 +304,7 @@ def main(args):
     if args.batch_sizes is None:
         args.batch_sizes = [1, 32] if spec.imagenet else [1, 256]
     utils.set_seed(args.seed)
-    info = benchmark_training(args, device) if args.training else benchmark_inference(args, device)
+    info = benchmark_training(args, rt) if args.training else benchmark_inference(args, rt)
     info.update(
         device=str(device),
         device_name=device_name(device),

@@ -8,8 +8,8 @@ At epoch e the agent decides only the last min(e + 1, K) blocks, the others alwa
 
 import torch
 
-import distributed
 import utils
+from core import distributed
 
 
 def get_args_parser():
@@ -18,13 +18,7 @@ def get_args_parser():
     p.add_argument("--beta", type=float, default=1e-1, help="entropy bonus weight")
     p.add_argument("--wd", type=utils.non_negative_float, default=0.0, help="weight decay")
     p.add_argument("--load", default=None, help="checkpoint to resume from (agent and epoch)")
-    p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
-    p.add_argument("--epoch_step", type=utils.positive_int, default=10000, help="epochs between learning-rate decays")
-    p.add_argument(
-        "--max_epochs", type=utils.non_negative_int, default=10000, help="epochs to run (after the start epoch)"
-    )
-    p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
+    utils.add_schedule_flags(p, epoch_step=10000, max_epochs=10000)
     p.add_argument(
         "--cl_step",
         type=int,
@@ -43,7 +37,7 @@ def get_args_parser():
     return p
 
 
-def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
+def train_epoch(args, rnet, agent, loader, optimizer, rt, decided, epoch=0):
     """One epoch of REINFORCE on the agent (paper, Eq. 6-8, with the curriculum mask).
 
     ``agent`` may be wrapped in DistributedDataParallel; ``rnet`` is frozen. Returns the epoch's
@@ -51,22 +45,16 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
     """
     agent.train()
     rnet.eval()
-    loader.sampler.set_epoch(epoch)
-    generator = utils.epoch_generator(args.seed, epoch, device)
-    mask = utils.curriculum_mask(rnet.num_blocks, decided, device)  # (K,)
+    mask = utils.curriculum_mask(rnet.num_blocks, decided, rt.device)  # (K,)
     processes = distributed.world_size()
-    indices, policies, rewards, matches = [], [], [], []
-    for inputs, targets, index, batch_size in utils.global_batches(loader, "train"):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with utils.autocast(device, args.amp):
-            probs, _ = agent(inputs)  # (B, K)
-        utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator, batch_size)
+    epoch_policies = utils.EpochPolicies()
+    batches = utils.sampled_batches(agent, loader, rt, args.alpha, args.seed, epoch)
+    for inputs, targets, index, batch_size, policy_map, policy, distr in batches:
         # Curriculum: the first K - decided blocks always run and take no part in the loss.
         policy_map[:, ~mask] = 1.0
         policy[:, ~mask] = 1.0
 
-        with torch.inference_mode(), utils.autocast(device, args.amp):  # the ResNet is frozen
+        with torch.inference_mode(), rt.autocast():  # the ResNet is frozen
             if args.dense:  # the original's computation: every kept block on every image, masked
                 preds_map, preds_sample = rnet(inputs, policy_map, masked=True), rnet(inputs, policy, masked=True)
             elif inputs.is_cuda:  # one pass over both policies: half the kernel launches
@@ -90,81 +78,54 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, decided, epoch=0):
         loss.backward()
         optimizer.step()
 
-        indices.append(index)
-        policies.append(policy.cpu())
-        rewards.append(reward_sample.cpu())
-        matches.append(match.cpu())
-    policies, rewards, matches = distributed.collect(indices, policies, rewards, matches)
-    return utils.performance_stats(policies, rewards, matches), policies
+        epoch_policies.add(index, policy, reward_sample, match)
+    return epoch_policies.stats()
 
 
 def main(args):
-    device = utils.setup_run(args)
-    main_process = distributed.is_main()
-    resume = utils.load_resume(args, args.cv_dir)
+    rt = utils.setup_run(args)
+    run = utils.TrainingRun(args, args.cv_dir)
     with distributed.node_main_first():  # downloads once per node
         # --load gives the agent and the epoch only, as in the original (also from a finetuning
         # checkpoint); the frozen ResNet is always the base model, checked again on --resume.
         rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, load_resnet=False)
         trainset, testset = utils.get_data(args)
     resnet_digest = utils.state_digest(rnet)
-    first_epoch = ckpt.get("epoch", -1) + 1
-    start_epoch = first_epoch
-    if resume:
-        if resume.get("resnet_digest") != resnet_digest:
+    if run.resumed:
+        if run.resumed.get("resnet_digest") != resnet_digest:
             raise utils.UserError(
                 f"cannot resume {args.cv_dir}: the frozen ResNet is not the one the run started with "
                 "(its base model file changed, or --load differs)"
             )
-        utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
-        first_epoch, start_epoch = int(resume["first_epoch"]), resume["epoch"] + 1
-    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
-    testloader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
+        utils.load_agent_state(agent, run.resumed, args.cv_dir, rnet.num_blocks)
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, rt.device, args.seed)
+    testloader = utils.make_loader(testset, args.batch_size, False, args.workers, rt.device)
 
-    rnet.to(device).eval()
+    rnet.to(rt.device).eval()
     for p in rnet.parameters():
         p.requires_grad_(False)
     agent.vnet.requires_grad_(False)  # the value head takes no part in the loss
-    agent = distributed.prepare(agent).to(device)
+    agent = distributed.prepare(agent).to(rt.device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.wd)
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-    trained = distributed.wrap(agent, device)
+    if run.resumed:
+        optimizer.load_state_dict(run.resumed["optimizer"])
+    trained = distributed.wrap(agent, rt.device)
 
-    writer = utils.open_run_log(args.cv_dir, args, start_epoch if resume else None)
-    num_blocks = rnet.num_blocks
-    last_epoch = first_epoch + args.max_epochs
-    if resume:
-        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
-    for epoch in range(start_epoch, last_epoch + 1):
+    first_epoch = run.first_epoch(ckpt.get("epoch", -1) + 1)  # after --load's epoch, as the original
+    for epoch in run.epochs(first_epoch, first_epoch + args.max_epochs):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
-        decided = utils.curriculum_blocks(epoch, num_blocks, args.cl_step)
-        if main_process:
+        decided = utils.curriculum_blocks(epoch, rnet.num_blocks, args.cl_step)
+        if run.is_main:
             print(f"training the last {decided} blocks ...", flush=True)
-        stats, policies = train_epoch(args, rnet, trained, trainloader, optimizer, device, decided, epoch)
-        utils.report(writer, "train", stats, policies, epoch)
+        stats, policies = train_epoch(args, rnet, trained, trainloader, optimizer, rt, decided, epoch)
+        run.report("train", stats, policies, epoch)
         utils.check_finite_weights(agent)
-        if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            results = utils.evaluate(
-                rnet, agent, testloader, device, args.penalty, decided, dense=args.dense, amp=args.amp
-            )
-            stats = utils.performance_stats(*results)
-            utils.report(writer, "test", stats, results[0], epoch)
-            if main_process:
-                state = {"agent": agent.state_dict(), "epoch": epoch, "reward": stats[1], "acc": stats[0]}
-                utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
-        if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically
-            state = {
-                "agent": agent.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "first_epoch": first_epoch,
-                "resnet_digest": resnet_digest,
-            }
-            utils.save_resume(args.cv_dir, args, state)
-    if writer is not None:
-        writer.close()
-    distributed.cleanup()
+        if run.evaluates(epoch):
+            results = utils.evaluate(rnet, agent, testloader, rt, args.penalty, decided, dense=args.dense)
+            run.save_evaluation(epoch, results, {"agent": agent.state_dict()})
+        state = {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "resnet_digest": resnet_digest}
+        run.end_epoch(epoch, state)
+    run.close()
 
 
 if __name__ == "__main__":

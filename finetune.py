@@ -7,8 +7,8 @@
 import torch
 import torch.nn.functional as F
 
-import distributed
 import utils
+from core import distributed
 
 
 def get_args_parser():
@@ -21,13 +21,7 @@ def get_args_parser():
         default=None,
         help="curriculum-learning checkpoint to start the agent from (ignored with --load)",
     )
-    p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
-    p.add_argument("--epoch_step", type=utils.positive_int, default=1600, help="epochs between learning-rate decays")
-    p.add_argument(
-        "--max_epochs", type=utils.non_negative_int, default=2000, help="epochs to run (after the start epoch)"
-    )
-    p.add_argument("--lr_decay_ratio", type=utils.positive_float, default=0.1, help="learning-rate decay factor")
+    utils.add_schedule_flags(p, epoch_step=1600, max_epochs=2000)
     p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
     p.add_argument(
@@ -35,7 +29,7 @@ def get_args_parser():
         action="store_true",
         help="train with each block run only on the images that keep it (faster when few blocks are kept); "
         "BatchNorm then normalises over those images instead of the whole batch, which changes the numbers "
-        "(the README gives the measured effect); not with --dense",
+        "(docs/differences.md gives the measured effect); not with --dense",
     )
     utils.add_run_flags(
         p,
@@ -46,7 +40,7 @@ def get_args_parser():
     return p
 
 
-def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
+def train_epoch(args, rnet, agent, loader, optimizer, rt, epoch=0):
     """One epoch of joint training: REINFORCE on the agent plus cross-entropy on the ResNet.
 
     ``rnet`` and ``agent`` may be wrapped in DistributedDataParallel. Returns the epoch's
@@ -54,20 +48,13 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
     """
     agent.train()
     rnet.train()
-    loader.sampler.set_epoch(epoch)
-    generator = utils.epoch_generator(args.seed, epoch, device)
     processes = distributed.world_size()
     # FlatResNet.forward's form: the original's masked one in training unless --sparse (--dense: masked everywhere).
     masked = True if args.dense else False if args.sparse else None
-    indices, policies, rewards, matches = [], [], [], []
-    for inputs, targets, index, batch_size in utils.global_batches(loader, "train"):
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with utils.autocast(device, args.amp):
-            probs, _ = agent(inputs)  # (B, K)
-        utils.check_finite(probs, "policy network's output")
-        policy_map, policy, distr = utils.sample_policy(probs.float(), args.alpha, generator, batch_size)
-
-        with utils.autocast(device, args.amp):
+    epoch_policies = utils.EpochPolicies()
+    batches = utils.sampled_batches(agent, loader, rt, args.alpha, args.seed, epoch)
+    for inputs, targets, index, batch_size, policy_map, policy, distr in batches:
+        with rt.autocast():
             # In training mode, as in the original, both runs update BatchNorm's running statistics.
             with torch.no_grad():  # the greedy run is only the baseline of the advantage
                 preds_map = rnet(inputs, policy_map, masked=masked)
@@ -88,20 +75,16 @@ def train_epoch(args, rnet, agent, loader, optimizer, device, epoch=0):
         loss.backward()
         optimizer.step()
 
-        indices.append(index)
-        policies.append(policy.cpu())
-        rewards.append(reward_sample.cpu())
-        matches.append(match.cpu())
-    policies, rewards, matches = distributed.collect(indices, policies, rewards, matches)
-    return utils.performance_stats(policies, rewards, matches), policies
+        epoch_policies.add(index, policy, reward_sample, match)
+    return epoch_policies.stats()
 
 
 def main(args):
     if args.sparse and args.dense:
         raise utils.UserError("--sparse and --dense are two different forms of the ResNet's forward: give one")
-    device = utils.setup_run(args)
-    main_process = distributed.is_main()
-    resume = utils.load_resume(args, args.cv_dir)
+    rt = utils.setup_run(args)
+    run = utils.TrainingRun(args, args.cv_dir)
+    resume = run.resumed
     with distributed.node_main_first():  # downloads once per node
         if resume:  # the ResNet and the agent come from last.t7
             (rnet, agent), ckpt = utils.build_model(args.model), {}
@@ -113,58 +96,33 @@ def main(args):
         raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
     if args.pretrained is not None and args.load is None and not resume:
         utils.load_agent(agent, args.pretrained, rnet.num_blocks)
-    first_epoch = ckpt.get("epoch", -1) + 1
-    start_epoch = first_epoch
     if resume:
         utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
         utils.load_weights_to_flatresnet(resume["resnet"], rnet)
-        first_epoch, start_epoch = int(resume["first_epoch"]), resume["epoch"] + 1
-    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
-    testloader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
+    trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, rt.device, args.seed)
+    testloader = utils.make_loader(testset, args.batch_size, False, args.workers, rt.device)
 
     agent.vnet.requires_grad_(False)  # the value head takes no part in the loss
-    rnet = distributed.prepare(rnet).to(device)
-    agent = distributed.prepare(agent).to(device)
+    rnet = distributed.prepare(rnet).to(rt.device)
+    agent = distributed.prepare(agent).to(rt.device)
     params = [p for p in list(agent.parameters()) + list(rnet.parameters()) if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
-    trained_rnet, trained_agent = distributed.wrap(rnet, device), distributed.wrap(agent, device)
+    trained_rnet, trained_agent = distributed.wrap(rnet, rt.device), distributed.wrap(agent, rt.device)
 
-    writer = utils.open_run_log(args.cv_dir, args, start_epoch if resume else None)
-    last_epoch = first_epoch + args.max_epochs
-    if resume:
-        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
-    for epoch in range(start_epoch, last_epoch + 1):
+    first_epoch = run.first_epoch(ckpt.get("epoch", -1) + 1)  # after --load's epoch, as the original
+    for epoch in run.epochs(first_epoch, first_epoch + args.max_epochs):
         utils.adjust_learning_rate(optimizer, args.lr, epoch, args.epoch_step, args.lr_decay_ratio)
-        stats, policies = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, device, epoch)
-        utils.report(writer, "train", stats, policies, epoch)
+        stats, policies = train_epoch(args, trained_rnet, trained_agent, trainloader, optimizer, rt, epoch)
+        run.report("train", stats, policies, epoch)
         utils.check_finite_weights(agent, rnet)
-        if epoch % args.eval_every == 0 or epoch == last_epoch:  # the last epoch is never lost
-            results = utils.evaluate(rnet, agent, testloader, device, args.penalty, dense=args.dense, amp=args.amp)
-            stats = utils.performance_stats(*results)
-            utils.report(writer, "test", stats, results[0], epoch)
-            if main_process:
-                state = {
-                    "agent": agent.state_dict(),
-                    "resnet": rnet.state_dict(),
-                    "epoch": epoch,
-                    "reward": stats[1],
-                    "acc": stats[0],
-                }
-                utils.save_checkpoint(state, utils.checkpoint_path(args.cv_dir, epoch, stats))
-        if main_process:  # after the checkpoint: a run killed in between repeats this epoch, identically
-            state = {
-                "agent": agent.state_dict(),
-                "resnet": rnet.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "first_epoch": first_epoch,
-            }
-            utils.save_resume(args.cv_dir, args, state)
-    if writer is not None:
-        writer.close()
-    distributed.cleanup()
+        weights = {"agent": agent.state_dict(), "resnet": rnet.state_dict()}
+        if run.evaluates(epoch):
+            results = utils.evaluate(rnet, agent, testloader, rt, args.penalty, dense=args.dense)
+            run.save_evaluation(epoch, results, weights)
+        run.end_epoch(epoch, {**weights, "optimizer": optimizer.state_dict()})
+    run.close()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ The result, cv/pretrained/<MODEL>/pk_E_<epoch>_A_<acc>.t7, is where get_model fi
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import distributed
 import utils
+from core import distributed
 
 
 def get_args_parser():
@@ -87,11 +88,11 @@ def main(args):
             f"{args.model}: pretrain.py trains CIFAR-style models; ImageNet models use torchvision's weights"
         )
     cv_dir = args.cv_dir or f"cv/pretrained/{args.model}/"
-    device = utils.setup_run(args)
-    main_process = distributed.is_main()
-    resume = utils.load_resume(args, cv_dir)
+    rt = utils.setup_run(args)
+    device = rt.device
+    run = utils.TrainingRun(args, cv_dir)
     rnet, _ = utils.build_model(args.model)
-    ckpt = resume or (utils.load_file(args.load) if args.load else {})
+    ckpt = run.resumed or (utils.load_file(args.load) if args.load else {})
     if ckpt:
         utils.load_weights_to_flatresnet(ckpt, rnet)
     with distributed.node_main_first():  # downloads once per node
@@ -105,19 +106,16 @@ def main(args):
     )
     steps_per_epoch = -(-len(trainset) // args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, steps_per_epoch))
-    start_epoch = 0
+    first_epoch = 1
     if "optimizer" in ckpt:  # last.t7 or a pk_E file: continue; other files only give initial weights
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch = int(ckpt["epoch"])
+        first_epoch = int(ckpt["epoch"]) + 1
     trained = distributed.wrap(rnet, device)
 
-    writer = utils.open_run_log(cv_dir, args, start_epoch + 1 if resume else None)
     # The base-model file this run wrote last, deleted when a newer one is written; never a --load file.
-    previous = utils.Path(cv_dir) / resume["checkpoint"] if resume else None
-    if resume:
-        utils.set_rng_state(resume["rng"])  # as it was when the interrupted run saved it
-    for epoch in range(start_epoch + 1, args.epochs + 1):
+    previous = Path(cv_dir) / run.resumed["checkpoint"] if run.resumed else None
+    for epoch in run.epochs(first_epoch, args.epochs):  # epoch n makes pk_E_<n>: counted from 1
         trained.train()
         trainloader.sampler.set_epoch(epoch)
         generator = utils.epoch_generator(args.seed, epoch, device)
@@ -128,7 +126,7 @@ def main(args):
                 keep = distributed.uniform(generator, batch_size, rnet.num_blocks) >= args.drop_rate  # (B, K)
             else:
                 keep = torch.ones(len(inputs), rnet.num_blocks, device=device, dtype=torch.bool)
-            with utils.autocast(device, args.amp):
+            with rt.autocast():
                 logits = trained(inputs, keep.float())
             logits = logits.float()
             # The batch mean: DDP averages the processes' gradients, hence the factor.
@@ -144,28 +142,23 @@ def main(args):
         loss_sum, correct = distributed.sum_over_processes([loss_sum, correct], device)
         acc = test_accuracy(rnet, testloader, device)
         utils.check_finite_weights(rnet)
-        if not main_process:
-            continue
         seen = len(trainset)
-        print(f"E: {epoch} | loss: {loss_sum / seen:.4f} | A: {correct / seen:.3f} | TS - A: {acc:.3f}", flush=True)
-        writer.add_scalar("train_loss", loss_sum / seen, epoch)
-        writer.add_scalar("train_accuracy", correct / seen, epoch)
-        writer.add_scalar("test_accuracy", acc, epoch)
+        if run.is_main:
+            print(f"E: {epoch} | loss: {loss_sum / seen:.4f} | A: {correct / seen:.3f} | TS - A: {acc:.3f}", flush=True)
+        run.log_scalars(epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, test_accuracy=acc)
         state = {"state_dict": rnet.state_dict(), "epoch": epoch, "acc": acc, "model": args.model}
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        path = utils.Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
-        # The run's last file is the base model alone (weights and numbers); earlier ones also hold
-        # the optimizer and the schedule, so that --load can continue the run from them.
-        utils.save_checkpoint(state if epoch == args.epochs else {**state, **training}, path)
-        # Keep only the newest file of this run, so get_model finds one unambiguous base model.
-        if previous is not None and previous != path and previous.is_file():
-            previous.unlink()
+        path = Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
+        if run.is_main:
+            # The run's last file is the base model alone (weights and numbers); earlier ones also hold
+            # the optimizer and the schedule, so that --load can continue the run from them.
+            utils.save_checkpoint(state if epoch == args.epochs else {**state, **training}, path)
+            # Keep only the newest file of this run, so get_model finds one unambiguous base model.
+            if previous is not None and previous != path and previous.is_file():
+                previous.unlink()
         previous = path
-        # Last: a run killed before this point repeats the epoch, identically.
-        utils.save_resume(cv_dir, args, {**state, **training, "checkpoint": path.name})
-    if writer is not None:
-        writer.close()
-    distributed.cleanup()
+        run.end_epoch(epoch, {**state, **training, "checkpoint": path.name})
+    run.close()
 
 
 if __name__ == "__main__":

@@ -42,15 +42,15 @@ def check_policy_args(args, num_blocks: int) -> None:
 
 
 def main(args):
-    device = utils.get_device(args.device)
+    rt = utils.runtime(args.device, args.amp)
     utils.set_seed(args.seed)
     spec = utils.model_spec(args.model)
     check_policy_args(args, spec.num_blocks)
     rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
     _, testset = utils.get_data(args)
-    loader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
-    rnet.to(device)
-    agent.to(device)
+    loader = utils.make_loader(testset, args.batch_size, False, args.workers, rt.device)
+    rnet.to(rt.device)
+    agent.to(rt.device)
     if args.policy == "agent":
         full = args.load is None  # the original's profile of the full network: the agent keeps every block
         policy_fn = utils.baseline_policy("full", rnet.num_blocks) if full else None
@@ -58,13 +58,11 @@ def main(args):
     else:
         policy_fn = utils.baseline_policy(args.policy, rnet.num_blocks, args.k, args.seed)
         count_agent = False
-    accuracy, sparsity, variance, flops, policy_set = utils.profile(
-        rnet, agent, loader, device, spec.input_size, policy_fn, count_agent, amp=args.amp
-    )
-    print(f"Accuracy: {accuracy:.3f}")
-    print(f"Block Usage: {sparsity:.3f} \u00b1 {variance:.3f}")
-    print(f"FLOPs/img: {np.mean(flops):.2E} \u00b1 {np.std(flops):.2E}")
-    print(f"Unique Policies: {len(policy_set)}")
+    result = utils.profile(rnet, agent, loader, rt, spec.input_size, policy_fn, count_agent)
+    print(f"Accuracy: {result.accuracy:.3f}")
+    print(f"Block Usage: {result.blocks_mean:.3f} \u00b1 {result.blocks_std:.3f}")
+    print(f"FLOPs/img: {np.mean(result.flops):.2E} \u00b1 {np.std(result.flops):.2E}")
+    print(f"Unique Policies: {len(result.policy_set)}")
 
 
 if __name__ == "__main__":

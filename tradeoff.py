@@ -61,18 +61,18 @@ def get_args_parser():
     return p
 
 
-def point(method, k, checkpoint, figures) -> dict:
-    accuracy, sparsity, variance, flops, policy_set = figures
+def point(method, k, checkpoint, figures: utils.Profile) -> dict:
+    """One row of the CSV: a method (and its K) with its profile."""
     return {
         "method": method,
         "k": "" if k is None else k,
         "checkpoint": checkpoint or "",
-        "accuracy": round(accuracy, 6),
-        "blocks": round(sparsity, 4),
-        "blocks_std": round(variance, 4),
-        "flops": float(f"{np.mean(flops):.6e}"),
-        "flops_std": float(f"{np.std(flops):.6e}"),
-        "unique_policies": len(policy_set),
+        "accuracy": round(figures.accuracy, 6),
+        "blocks": round(figures.blocks_mean, 4),
+        "blocks_std": round(figures.blocks_std, 4),
+        "flops": float(f"{np.mean(figures.flops):.6e}"),
+        "flops_std": float(f"{np.std(figures.flops):.6e}"),
+        "unique_policies": len(figures.policy_set),
     }
 
 
@@ -137,7 +137,8 @@ def plot(rows, path, model: str, dpi: int) -> None:
 
 
 def main(args):
-    device = utils.get_device(args.device)
+    rt = utils.runtime(args.device, args.amp)
+    device = rt.device
     utils.set_seed(args.seed)
     spec = utils.model_spec(args.model)
     for k in args.ks or []:
@@ -158,9 +159,9 @@ def main(args):
     rows = []
     for path in args.load:
         rnet, agent, _ = utils.models_for_run(args.model, path, args.dummy, init_agent=False)
-        figures = utils.profile(rnet.to(device), agent.to(device), loader, device, spec.input_size, amp=args.amp)
+        figures = utils.profile(rnet.to(device), agent.to(device), loader, rt, spec.input_size)
         rows.append(point("blockdrop", None, path, figures))
-        print(f"BlockDrop {path}: accuracy {figures[0]:.3f}, {figures[1]:.2f} blocks", flush=True)
+        print(f"BlockDrop {path}: accuracy {figures.accuracy:.3f}, {figures.blocks_mean:.2f} blocks", flush=True)
 
     rnet, agent, _ = utils.models_for_run(args.model, args.baseline_resnet, args.dummy, init_agent=False)
     rnet.to(device)
@@ -169,9 +170,9 @@ def main(args):
     runs = [("full", None)] + [(b, k) for b in args.baselines for k in ks]
     for method, k in runs:
         policy_fn = utils.baseline_policy(method, rnet.num_blocks, k, args.seed)
-        figures = utils.profile(rnet, agent, loader, device, spec.input_size, policy_fn, False, amp=args.amp)
+        figures = utils.profile(rnet, agent, loader, rt, spec.input_size, policy_fn, False)
         rows.append(point(method, k, args.baseline_resnet, figures))
-        print(f"{method}{'' if k is None else f' K={k}'}: accuracy {figures[0]:.3f}", flush=True)
+        print(f"{method}{'' if k is None else f' K={k}'}: accuracy {figures.accuracy:.3f}", flush=True)
 
     csv_path, png_path = out.with_name(out.name + ".csv"), out.with_name(out.name + ".png")
     with open(csv_path, "w", newline="") as f:

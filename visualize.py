@@ -19,8 +19,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision.transforms as T  # noqa: E402
 
-import distributed  # noqa: E402
 import utils  # noqa: E402
+from core import distributed  # noqa: E402
 
 KEPT, DROPPED = "#1f4e79", "#e3e3e3"
 MAX_CLASSES = 40  # rows of easy_hard.png that still make a readable figure

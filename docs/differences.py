@@ -1,4 +1,4 @@
-"""Measure what the remaining differences from the original code change, for the README.
+"""Measure what the remaining differences from the original code change, for docs/differences.md.
 
     python docs/differences.py                 # R110_C10 shapes, random weights, fake images (about a minute)
     python docs/differences.py --model R20_FMNIST
@@ -65,8 +65,8 @@ def finetuning(args, sparse: bool, optimizer_class, steps: int):
     agent.vnet.requires_grad_(False)
     params = [p for p in [*agent.parameters(), *rnet.parameters()] if p.requires_grad]
     optimizer = optimizer_class(params, lr=args.lr)
-    ns = argparse.Namespace(alpha=0.8, penalty=-5.0, amp=False, dense=False, sparse=sparse, seed=args.seed)
-    finetune.train_epoch(ns, rnet, agent, loader, optimizer, torch.device("cpu"))
+    ns = finetune.get_args_parser().parse_args(["--seed", str(args.seed)] + (["--sparse"] if sparse else []))
+    finetune.train_epoch(ns, rnet, agent, loader, optimizer, utils.Runtime(torch.device("cpu")))
     return rnet, agent
 
 

@@ -22,6 +22,7 @@ import torch
 import torchvision
 from legacy import Py2Pickler, save_py2_torch03, torch03_state_dict
 
+import core.models
 import utils
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,9 @@ def fashion_mnist_test_slice(model: str) -> utils.IdxImages:
     spec = utils.model_spec(model)
     _, transform = utils.get_transforms(spec.name, spec.dataset)
     return utils.IdxImages(
-        TEST_SLICE / "t10k-first1000-images-idx3-ubyte.gz", TEST_SLICE / "t10k-first1000-labels-idx1-ubyte.gz", transform
+        TEST_SLICE / "t10k-first1000-images-idx3-ubyte.gz",
+        TEST_SLICE / "t10k-first1000-labels-idx1-ubyte.gz",
+        transform,
     )
 
 
@@ -141,7 +144,7 @@ def test_shipped_blockdrop_models_give_their_recorded_figures(model, path, accur
     rnet, agent, _ = utils.models_for_run(model, path, init_agent=False)  # strict loading
     cpu = torch.device("cpu")
     loader = utils.make_loader(fashion_mnist_test_slice(model), 500, False, 0, cpu)
-    measured, used, *_ = utils.profile(rnet, agent, loader, cpu, utils.model_spec(model).input_size)
+    measured, used, *_ = utils.profile(rnet, agent, loader, utils.Runtime(cpu), utils.model_spec(model).input_size)
     assert measured == pytest.approx(accuracy, abs=0.0015)  # one image either way
     assert used == pytest.approx(blocks, abs=0.01)
 
@@ -155,7 +158,7 @@ def test_released_imagenet_base_model_in_torchvision_naming(tmp_path, monkeypatc
     path.parent.mkdir(parents=True)
     save_py2_torch03({"state_dict": state}, path)
     resnet18 = torchvision.models.resnet18().state_dict()
-    monkeypatch.setattr(utils, "_torchvision_weights", lambda arch: {"resnet18": resnet18}[arch])
+    monkeypatch.setattr(core.models, "_torchvision_weights", lambda arch: {"resnet18": resnet18}[arch])
     rnet, agent = utils.get_model("R101_ImgNet")  # the ResNet from the file, the agent from ResNet-18
     assert torch.equal(rnet.blocks[2][22].conv3.weight, state["layer3.22.conv3.weight"])
     assert torch.equal(rnet.ds[3][1].running_var, state["layer4.0.downsample.1.running_var"])

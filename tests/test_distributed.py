@@ -19,8 +19,8 @@ import torchvision.transforms as T
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import distributed
 import utils
+from core import distributed
 from models.base import BasicBlock
 from models.resnet import FlatResNet32
 

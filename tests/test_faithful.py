@@ -8,7 +8,6 @@ block for every image. Losses, gradients of both networks, BatchNorm running sta
 state and the weights after the steps must agree.
 """
 
-import argparse
 import copy
 
 import pytest
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import cl_training
+import core.reinforce
 import finetune
 import utils
 from models.base import BasicBlock
@@ -191,21 +191,24 @@ def run_script(stage, rnet, agent, x, y, policies, monkeypatch, alpha, penalty, 
             losses.append(value.item())
         check(value, what)
 
-    monkeypatch.setattr(utils, "sample_policy", fixed)
+    monkeypatch.setattr(core.reinforce, "sample_policy", fixed)  # what sampled_batches draws
     monkeypatch.setattr(utils, "check_finite", record)
     loader = utils.make_loader(TensorDataset(x, y), B, False, 0, torch.device("cpu"))
     agent.vnet.requires_grad_(False)  # as the scripts' main(): the value head takes no part
-    args = argparse.Namespace(alpha=alpha, penalty=penalty, beta=0.1, amp=False, dense=False, sparse=sparse, seed=0)
+    flags = ["--alpha", str(alpha), "--penalty", str(penalty)]
+    rt = utils.Runtime(torch.device("cpu"))
     if stage == "finetune":
+        args = finetune.get_args_parser().parse_args(flags + (["--sparse"] if sparse else []))
         params = [p for p in [*agent.parameters(), *rnet.parameters()] if p.requires_grad]
         optimizer = RecordingAdam(params, agent, rnet, lr=lr, eps=EPS)
-        stats, sampled = finetune.train_epoch(args, rnet, agent, loader, optimizer, torch.device("cpu"))
+        stats, sampled = finetune.train_epoch(args, rnet, agent, loader, optimizer, rt)
     else:
+        args = cl_training.get_args_parser().parse_args(flags)
         rnet.eval()
         for p in rnet.parameters():
             p.requires_grad_(False)
         optimizer = RecordingAdam([p for p in agent.parameters() if p.requires_grad], agent, rnet, lr=lr, eps=EPS)
-        stats, sampled = cl_training.train_epoch(args, rnet, agent, loader, optimizer, torch.device("cpu"), decided)
+        stats, sampled = cl_training.train_epoch(args, rnet, agent, loader, optimizer, rt, decided)
     return losses, optimizer, stats, sampled
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+import core.data
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,7 +181,7 @@ def test_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
     for split in ("train", "t10k"):
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", np.arange(7) % 10)
-    monkeypatch.setattr(utils, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(core.data, "FASHION_MNIST_DIR", tmp_path / "absent")
     train, test = utils.get_dataset("R20_FMNIST", str(tmp_path))
     assert len(train) == len(test) == 7
     x, y = test[3]
@@ -209,7 +210,9 @@ def test_batched_evaluation_equals_one_image_at_a_time():
         agent.logit.weight.mul_(100)
         feats = agent.features.forward_full(data.tensors[0])  # (24, 64)
         agent.logit.bias.copy_(-agent.logit.weight @ feats.mean(0))
-    policies, rewards, matches = utils.evaluate(rnet, agent, DataLoader(data, batch_size=8), torch.device("cpu"), -1.0)
+    policies, rewards, matches = utils.evaluate(
+        rnet, agent, DataLoader(data, batch_size=8), utils.Runtime(torch.device("cpu")), -1.0
+    )
     assert len(policies.unique(dim=0)) > 1
     with torch.no_grad():
         for i in range(24):

@@ -6,7 +6,8 @@ interleaves a permutation. A W-process run is the 1-process run split up, not an
 
 - ``--batch_size`` is the batch of all processes together; each process runs 1/W of it. No image
   is repeated to even out the shares: where the last batch has fewer images than there are
-  processes, the processes without one take an empty step (``utils.global_batches``).
+  processes, the processes without one take an empty step (``core.loading``: ``EpochSampler``
+  shares out the images, ``global_batches`` evens out the steps).
 - Random numbers drawn per image (sampled policies, stochastic depth) come from a generator that
   every process seeds alike; each draws the whole batch's numbers and keeps its own rows
   (``uniform``), so image i gets the same numbers whatever W is.
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import UserError
+from core.cli import UserError
 
 
 def world_size() -> int:
