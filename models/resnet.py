@@ -164,6 +164,20 @@ class FlatResNet(nn.Module):
                 x = fx * m + residual * (1 - m)
         return self.head(x)
 
+    def _build(self, block, widths: list[int], layers: list[int], strides: list[int], num_classes: int) -> None:
+        """The segments of blocks with their shortcuts, the classifier, then the initial weights."""
+        blocks, ds = [], []
+        for planes, n, stride in zip(widths, layers, strides, strict=True):
+            segment, shortcut = self._make_layer(block, planes, n, stride)
+            blocks.append(nn.ModuleList(segment))
+            ds.append(shortcut)
+        self.blocks = nn.ModuleList(blocks)
+        self.ds = nn.ModuleList(ds)
+        self.fc_dim = widths[-1] * block.expansion
+        self.fc = nn.Linear(self.fc_dim, num_classes)
+        self.layer_config = list(layers)
+        self._init_weights()
+
     def _init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -183,17 +197,7 @@ class FlatResNet32(FlatResNet):
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(8)
-        blocks, ds = [], []
-        for planes, n, stride in zip([16, 32, 64], layers, [1, 2, 2], strict=True):
-            segment, shortcut = self._make_layer(block, planes, n, stride)
-            blocks.append(nn.ModuleList(segment))
-            ds.append(shortcut)
-        self.blocks = nn.ModuleList(blocks)
-        self.ds = nn.ModuleList(ds)
-        self.fc = nn.Linear(64 * block.expansion, num_classes)
-        self.fc_dim = 64 * block.expansion
-        self.layer_config = list(layers)
-        self._init_weights()
+        self._build(block, [16, 32, 64], layers, [1, 2, 2], num_classes)
 
     def _make_layer(self, block, planes, n, stride):
         shortcut = nn.Sequential()
@@ -219,17 +223,7 @@ class FlatResNet224(FlatResNet):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.avgpool = nn.AvgPool2d(7)
-        blocks, ds = [], []
-        for planes, n, stride in zip([64, 128, 256, 512], layers, [1, 2, 2, 2], strict=True):
-            segment, shortcut = self._make_layer(block, planes, n, stride)
-            blocks.append(nn.ModuleList(segment))
-            ds.append(shortcut)
-        self.blocks = nn.ModuleList(blocks)
-        self.ds = nn.ModuleList(ds)
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-        self.fc_dim = 512 * block.expansion
-        self.layer_config = list(layers)
-        self._init_weights()
+        self._build(block, [64, 128, 256, 512], layers, [1, 2, 2, 2], num_classes)
 
     def _make_layer(self, block, planes, n, stride):
         shortcut = nn.Sequential()
