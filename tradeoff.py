@@ -86,7 +86,7 @@ def equal_flops_margins(rows) -> list[dict]:
     for method in ("first_k", "random_k"):
         if any(b["method"] == method for b in rows):
             curves[method] = tuple(
-                zip(*sorted((b["flops"], b["accuracy"]) for b in rows if b["method"] in (method, "full")))
+                zip(*sorted((b["flops"], b["accuracy"]) for b in rows if b["method"] in (method, "full")), strict=True)
             )
     found = []
     for r in (r for r in rows if r["method"] == "blockdrop"):
