@@ -136,21 +136,55 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_names(members: list[tarfile.TarInfo]) -> None:
-    """Refuse absolute names and link targets and any ``..`` in them, before anything is written.
+def refused(member: tarfile.TarInfo, why: str) -> UserError:
+    return UserError(f"refused: member {member.name!r} {why}; nothing was unpacked")
 
-    So a name is one path, and a link can only point down from its own folder, also once the
-    top-level ``cv/`` is stripped; the ``data`` filter checks the rest while unpacking.
+
+def check_names(members: list[tarfile.TarInfo]) -> None:
+    """Check every member's name and kind before anything is written; the ``data`` filter checks the rest.
+
+    Refused: absolute names and link targets and any ``..`` in them (so a name is one path, and a
+    link can only point down from its own folder, also once the top-level ``cv/`` is stripped);
+    empty, overlong or NUL ones; special files; a name used twice; a name under a file or link of
+    the archive, or a file or link over names of it; a top-level ``cv`` that is not a folder.
     """
+    seen, not_dirs, under = set(), set(), set()
     for m in members:
         paths = [("name", m.name)] + ([("link target", m.linkname)] if m.issym() or m.islnk() else [])
         for what, path in paths:
             if not path or "\0" in path or len(path) > MAX_LINK:
-                raise UserError(
-                    f"refused: member {m.name!r} has an empty, overlong or NUL {what}; nothing was unpacked"
-                )
+                raise refused(m, f"has an empty, overlong or NUL {what}")
             if path.startswith("/") or re.match(r"[A-Za-z]:", path) or ".." in PurePosixPath(path).parts:
-                raise UserError(f"refused: member {m.name!r} has an absolute or '..' {what}; nothing was unpacked")
+                raise refused(m, f"has an absolute or '..' {what}")
+        if m.ischr() or m.isblk() or m.isfifo():
+            raise refused(m, "is a special file")
+        parts = PurePosixPath(m.name).parts
+        name = "/".join(parts)
+        if name in seen:
+            raise refused(m, "appears twice in the archive")
+        prefixes = {"/".join(parts[:i]) for i in range(1, len(parts))}
+        if prefixes & not_dirs:
+            raise refused(m, "lies under a file or link of the archive")
+        if name in under and not m.isdir():
+            raise refused(m, "is a file or link, and other members lie under it")
+        if name == "cv" and not m.isdir():
+            raise refused(m, "is not a folder, yet it is the archive's top level")
+        seen.add(name)
+        under |= prefixes
+        if not m.isdir():
+            not_dirs.add(name)
+
+
+def _resolves_inside(target: Path, dest: Path, root: Path, source: Path) -> bool:
+    """Whether the archive's link ``source``, moved to ``target`` in ``dest``, points into ``dest``
+    without going through another link (one of ``dest``'s, or one of the archive's under ``root``)."""
+    parts = PurePosixPath(os.readlink(source)).parts
+    folder = target.parent
+    for i in range(1, len(parts) + 1):
+        step = folder.joinpath(*parts[:i])
+        if step.is_symlink() or (root / step.relative_to(dest)).is_symlink():
+            return False
+    return True
 
 
 def _same(source: Path, target: Path) -> bool:
@@ -182,6 +216,8 @@ def plan_moves(root: Path, dest: Path) -> tuple[list[tuple[Path, Path]], int, li
                 raise UserError(f"refused: the archive has a {kind} where {target} is not one; nothing was unpacked")
             if is_folder:
                 continue
+            if source.is_symlink() and not _resolves_inside(target, dest, root, source):
+                raise UserError(f"refused: the link {target} goes through another link; nothing was unpacked")
             if not os.path.lexists(target):
                 moves.append((source, target))
             elif _same(source, target):
@@ -206,6 +242,7 @@ def unpack(archive: Path, dest: Path, overwrite: bool) -> tuple[int, int]:
             if not members:
                 raise UserError(f"{archive} holds no files")
             check_names(members)
+            tar.errorlevel = 2  # a member tarfile cannot make is an error, not a warning
             tar.extractall(tmp, filter="data")
             tops = {PurePosixPath(m.name).parts[:1] for m in members} - {(".",), ()}
             root = Path(tmp) / "cv" if tops == {("cv",)} else Path(tmp)  # the top-level cv/ maps onto dest

@@ -115,7 +115,7 @@ def main(args):
 
     # The base-model file this run wrote last, deleted when a newer one is written; never a --load file.
     previous = Path(cv_dir) / run.resumed["checkpoint"] if run.resumed else None
-    for epoch in run.epochs(first_epoch, args.epochs):  # epoch n makes pk_E_<n>: counted from 1
+    for epoch in run.epochs(run.first_epoch(first_epoch), args.epochs):  # epoch n makes pk_E_<n>: from 1
         trained.train()
         trainloader.sampler.set_epoch(epoch)
         generator = utils.epoch_generator(args.seed, epoch, device)

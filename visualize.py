@@ -189,7 +189,7 @@ def figure_block_keep(path, policies, layer_config, dpi: int):
 def main(args):
     if args.classes > MAX_CLASSES:
         raise utils.UserError(f"--classes {args.classes}: at most {MAX_CLASSES} classes fit in a figure")
-    device = utils.get_device(args.device)
+    device = utils.runtime(args.device).device
     utils.set_seed(args.seed)
     rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
     _, testset = utils.get_data(args)

@@ -105,6 +105,7 @@ class EpochPolicies:
         self.indices, self.policies, self.rewards, self.matches = [], [], [], []
 
     def add(self, index: torch.Tensor, policy: torch.Tensor, reward: torch.Tensor, match: torch.Tensor) -> None:
+        """One batch: dataset indices (B,), sampled policies (B, K), rewards and matches (B,)."""
         self.indices.append(index)
         self.policies.append(policy.cpu())
         self.rewards.append(reward.cpu())

@@ -135,9 +135,10 @@ def runtime(device: str, amp: bool = False) -> Runtime:
 
 def setup_run(args) -> Runtime:
     """Runtime, process group (``--parallel``) and seeds of a training run."""
-    device = distributed.setup(args.parallel, get_device(args.device))
+    rt = runtime(args.device, args.amp)
+    rt = Runtime(distributed.setup(args.parallel, rt.device), rt.dtype)  # under torchrun: this process's GPU
     set_seed(args.seed)
-    return Runtime(device, torch.bfloat16 if args.amp else None)
+    return rt
 
 
 def check_finite(value: torch.Tensor, what: str) -> None:

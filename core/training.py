@@ -45,9 +45,10 @@ class TrainingRun:
     def epochs(self, first_epoch: int, last_epoch: int) -> range:
         """Epochs ``first_epoch..last_epoch``, both included; a resumed run goes on after its last finished one.
 
-        The run's record and log open here, and a resumed run's random state is restored.
+        ``first_epoch`` is ``first_epoch(...)``'s, recorded in ``last.t7``. The run's record and log
+        open here, and a resumed run's random state is restored.
         """
-        self._first, self.last_epoch = self.first_epoch(first_epoch), last_epoch
+        self._first, self.last_epoch = first_epoch, last_epoch
         start = self.resumed["epoch"] + 1 if self.resumed else first_epoch
         resumed_at = start if self.resumed else None
         if self.is_main:

@@ -221,6 +221,13 @@ HOSTILE = {
     "file-over-folder": [("cv/finetuned", b"a file where runs are")],
     "link-over-folder": [("cv/finetuned", "->", "x")],
     "bad-time-stamp": [("cv/f", b"f", {"mtime": "1e30"})],
+    "duplicate": [("cv/a.t7", b"old"), ("cv/b.t7", b"b"), ("cv/a.t7", b"new")],
+    "file-under-then-link": [("cv/d/f", b"f"), ("cv/d", "->", "x")],
+    "folder-then-link": ["cv/d", ("cv/d", "->", "f")],
+    "top-level-cv-links-to-itself": [("cv", "->", "."), ("cv/f", b"f")],
+    # a link of the archive through a link of dest, or through another link of the archive
+    "link-through-dest-link": [("cv/l", "->", "x/data/victim")],
+    "link-through-own-link": [("cv/m", "->", "x"), ("cv/l", "->", "m/data")],
 }
 
 

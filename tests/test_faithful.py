@@ -267,7 +267,7 @@ def test_one_finetuning_step_is_the_originals(monkeypatch):
 
 
 def test_the_sparse_opt_in_changes_the_numbers(monkeypatch):
-    """--sparse normalises over the images that keep a block: not the original's numbers (README)."""
+    """--sparse normalises over the images that keep a block: not the original's numbers (docs/differences.md)."""
     rnet, agent = randomized_models()
     policies = fixed_policies()
     x, y = data(rnet, policies)
