@@ -102,7 +102,7 @@ def inference_inputs(args, spec, device):
     """Images (N, C, H, W) and, for synthetic policies, the policies (N, K)."""
     n = args.images or max(args.batch_sizes)
     if args.load:
-        _, testset = utils.get_data(args)
+        _, testset = utils.get_data(args, utils.folder_data(args, args.load))
         if len(testset) < n:
             raise utils.UserError(f"--images {n}: the test set has only {len(testset)} images")
         images = torch.stack([testset[i][0] for i in range(n)])
@@ -117,9 +117,13 @@ def benchmark_inference(args, rt) -> dict:
     device = rt.device
     spec = utils.model_spec(args.model)
     if args.load:
-        rnet, agent, _ = utils.models_for_run(args.model, args.load, bool(args.dummy), init_agent=False)
+        folder = utils.folder_data(args, args.load)
+        classes = folder and len(folder.classes)
+        rnet, agent, _ = utils.models_for_run(
+            args.model, args.load, bool(args.dummy), init_agent=False, num_classes=classes
+        )
     else:
-        rnet, agent = utils.build_model(args.model)  # the weights do not change the time
+        rnet, agent = utils.build_model(args.model, spec.num_classes or 10)  # the weights do not change the time
     rnet.to(device).eval()
     agent.to(device).eval()
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -209,7 +213,7 @@ def benchmark_training(args, rt) -> dict:
         row = {"stage": stage, "images": len(trainset), "batch_size": args.batch_size}
         for form in ("sparse", "masked"):
             torch.manual_seed(args.seed)
-            rnet, agent = utils.build_model(args.model)
+            rnet, agent = utils.build_model(args.model, utils.model_spec(args.model).num_classes or 10)
             keep_about(
                 agent, args.keep_rate, torch.stack([trainset[i][0] for i in range(min(256, len(trainset)))]), args.seed
             )

@@ -88,8 +88,13 @@ def main(args):
     with distributed.node_main_first():  # downloads once per node
         # --load gives the agent and the epoch only, as in the original (also from a finetuning
         # checkpoint); the frozen ResNet is always the base model, checked again on --resume.
-        rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, load_resnet=False)
-        trainset, testset = utils.get_data(args)
+        folder = utils.folder_data(args, run.resumed, args.load)  # image folders: classes, normalisation
+        rnet, agent, ckpt = utils.models_for_run(
+            args.model, args.load, args.dummy, load_resnet=False, num_classes=folder and len(folder.classes)
+        )
+        trainset, testset = utils.get_data(args, folder)
+    if folder:
+        run.extra[utils.FOLDER_KEY] = folder.state()
     resnet_digest = utils.state_digest(rnet)
     if run.resumed:
         if run.resumed.get("resnet_digest") != resnet_digest:

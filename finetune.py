@@ -86,12 +86,18 @@ def main(args):
     run = utils.TrainingRun(args, args.cv_dir)
     resume = run.resumed
     with distributed.node_main_first():  # downloads once per node
+        folder = utils.folder_data(args, resume, args.load, args.pretrained)  # image folders: classes, normalisation
+        classes = folder and len(folder.classes)
         if resume:  # the ResNet and the agent come from last.t7
-            (rnet, agent), ckpt = utils.build_model(args.model), {}
+            (rnet, agent), ckpt = utils.build_model(args.model, classes), {}
         else:
             init_agent = args.pretrained is None
-            rnet, agent, ckpt = utils.models_for_run(args.model, args.load, args.dummy, init_agent=init_agent)
-        trainset, testset = utils.get_data(args)
+            rnet, agent, ckpt = utils.models_for_run(
+                args.model, args.load, args.dummy, init_agent=init_agent, num_classes=classes
+            )
+        trainset, testset = utils.get_data(args, folder)
+    if folder:
+        run.extra[utils.FOLDER_KEY] = folder.state()
     if args.load is not None and not resume and "resnet" not in ckpt:
         raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
     if args.pretrained is not None and args.load is None and not resume:

@@ -1,4 +1,4 @@
-"""Train the base ResNet of a CIFAR-style model (SGD with momentum, cosine or step schedule).
+"""Train the base ResNet of a CIFAR-style model or of image folders (SGD with momentum, cosine or step schedule).
 
     python pretrain.py --model R110_C10 --epochs 164
 
@@ -36,6 +36,16 @@ def get_args_parser():
         help="stochastic depth: each training image skips each block with this probability, "
         "so that the base network tolerates dropped blocks (0: off)",
     )
+    for name, what in (("mean", "means"), ("std", "standard deviations")):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            nargs=3,
+            metavar=("R", "G", "B"),
+            default=None,
+            help=f"image folders: the per-channel {what} that normalise the inputs, recorded with the "
+            "model (default: computed from the training images once)",
+        )
     utils.add_amp_flag(p)
     p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
     p.add_argument(
@@ -83,20 +93,22 @@ def test_accuracy(rnet, loader, device) -> float:
 
 def main(args):
     spec = utils.model_spec(args.model)
-    if spec.imagenet:
-        raise utils.UserError(
-            f"{args.model}: pretrain.py trains CIFAR-style models; ImageNet models use torchvision's weights"
-        )
+    if spec.dataset == "ImgNet":
+        raise utils.UserError(f"{args.model}: ImageNet models use the released or torchvision's weights")
+    if (args.mean or args.std) and spec.dataset != "Folder":
+        raise utils.UserError(f"--mean and --std apply to image folders (R<depth>_Folder), not {args.model}")
     cv_dir = args.cv_dir or f"cv/pretrained/{args.model}/"
     rt = utils.setup_run(args)
     device = rt.device
     run = utils.TrainingRun(args, cv_dir)
-    rnet, _ = utils.build_model(args.model)
     ckpt = run.resumed or (utils.load_file(args.load) if args.load else {})
+    # image folders: the classes and normalisation of the run (or of --load's), else of the images
+    folder = utils.folder_data(args, ckpt, new=True)
+    rnet, _ = utils.build_model(args.model, folder and len(folder.classes))
     if ckpt:
         utils.load_weights_to_flatresnet(ckpt, rnet)
     with distributed.node_main_first():  # downloads once per node
-        trainset, testset = utils.get_data(args)
+        trainset, testset = utils.get_data(args, folder)
     trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
     testloader = utils.make_loader(testset, 256, False, args.workers, device)
 
@@ -147,6 +159,8 @@ def main(args):
             print(f"E: {epoch} | loss: {loss_sum / seen:.4f} | A: {correct / seen:.3f} | TS - A: {acc:.3f}", flush=True)
         run.log_scalars(epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen, test_accuracy=acc)
         state = {"state_dict": rnet.state_dict(), "epoch": epoch, "acc": acc, "model": args.model}
+        if folder:
+            state[utils.FOLDER_KEY] = folder.state()
         training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         path = Path(cv_dir) / f"pk_E_{epoch}_A_{acc:.3f}.t7"
         if run.is_main:

@@ -46,8 +46,10 @@ def main(args):
     utils.set_seed(args.seed)
     spec = utils.model_spec(args.model)
     check_policy_args(args, spec.num_blocks)
-    rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
-    _, testset = utils.get_data(args)
+    folder = utils.folder_data(args, args.load)  # image folders: classes, normalisation
+    classes = folder and len(folder.classes)
+    rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False, num_classes=classes)
+    _, testset = utils.get_data(args, folder)
     loader = utils.make_loader(testset, args.batch_size, False, args.workers, rt.device)
     rnet.to(rt.device)
     agent.to(rt.device)

@@ -153,17 +153,21 @@ def main(args):
         raise utils.UserError(f"the folder of --out, {out.parent}, does not exist")
     if args.baseline_resnet is not None and "resnet" not in utils.load_file(args.baseline_resnet):
         raise utils.UserError(f"--baseline_resnet {args.baseline_resnet} has no 'resnet' (not a finetuned checkpoint)")
-    _, testset = utils.get_data(args)
+    folder = utils.folder_data(args, *args.load)  # image folders: classes, normalisation
+    classes = folder and len(folder.classes)
+    _, testset = utils.get_data(args, folder)
     loader = utils.make_loader(testset, args.batch_size, False, args.workers, device)
 
     rows = []
     for path in args.load:
-        rnet, agent, _ = utils.models_for_run(args.model, path, args.dummy, init_agent=False)
+        rnet, agent, _ = utils.models_for_run(args.model, path, args.dummy, init_agent=False, num_classes=classes)
         figures = utils.profile(rnet.to(device), agent.to(device), loader, rt, spec.input_size)
         rows.append(point("blockdrop", None, path, figures))
         print(f"BlockDrop {path}: accuracy {figures.accuracy:.3f}, {figures.blocks_mean:.2f} blocks", flush=True)
 
-    rnet, agent, _ = utils.models_for_run(args.model, args.baseline_resnet, args.dummy, init_agent=False)
+    rnet, agent, _ = utils.models_for_run(
+        args.model, args.baseline_resnet, args.dummy, init_agent=False, num_classes=classes
+    )
     rnet.to(device)
     agent.to(device)
     ks = sorted(set(args.ks)) if args.ks is not None else sorted({round(r["blocks"]) for r in rows})

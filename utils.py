@@ -33,9 +33,12 @@ from core.checkpoints import (
 
 # The model table, base weights and the networks of a run.
 from core.models import (
+    ARCHITECTURES,
+    DATASETS,
     MODELS,
     PRETRAINED_DIR,
     RELEASED_BASE_FILES,
+    DatasetSpec,
     ModelSpec,
     build_model,
     find_pretrained,
@@ -45,6 +48,9 @@ from core.models import (
     model_spec,
     models_for_run,
 )
+
+# Your own image folders: their classes and normalisation, recorded in the run's checkpoints.
+from core.folders import FOLDER_KEY, FolderData, folder_classes, folder_data, image_stats, recorded_folder_data
 
 # Datasets and transforms.
 from core.data import (
@@ -71,6 +77,7 @@ from core.runtime import (
     check_finite_weights,
     get_device,
     make_parser,
+    model_name,
     runtime,
     set_seed,
     setup_run,
@@ -100,6 +107,9 @@ from core.resume import rng_state, set_rng_state, state_digest
 # A training run: its epochs, run log, reports and checkpoints; learning-rate steps.
 from core.training import TrainingRun, adjust_learning_rate, stats_line
 
+# A trained model as one module for inference: images in, logits and policies out.
+from core.inference import BlockDrop, class_names, image_transform, load_blockdrop
+
 __all__ = [
     # core.cli
     "ArgumentParser", "UserError", "drop_probability", "fraction", "non_negative_float", "non_negative_int",
@@ -108,8 +118,10 @@ __all__ = [
     "checkpoint_path", "load_agent", "load_agent_state", "load_checkpoint", "load_file", "load_weights_to_flatresnet",
     "save_checkpoint", "strip_prefix",
     # core.models
-    "MODELS", "PRETRAINED_DIR", "RELEASED_BASE_FILES", "ModelSpec", "build_model", "find_pretrained", "get_model",
-    "load_pretrained_agent", "load_pretrained_rnet", "model_spec", "models_for_run",
+    "ARCHITECTURES", "DATASETS", "MODELS", "PRETRAINED_DIR", "RELEASED_BASE_FILES", "DatasetSpec", "ModelSpec",
+    "build_model", "find_pretrained", "get_model", "load_pretrained_agent", "load_pretrained_rnet", "model_spec", "models_for_run",
+    # core.folders
+    "FOLDER_KEY", "FolderData", "folder_classes", "folder_data", "image_stats", "recorded_folder_data",
     # core.data
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IdxImages", "get_data", "get_dataset", "get_dummy_dataset",
     "get_transforms",
@@ -117,7 +129,7 @@ __all__ = [
     "epoch_generator", "global_batches", "make_loader", "progress",
     # core.runtime
     "Runtime", "add_amp_flag", "add_policy_training_flags", "add_run_flags", "add_schedule_flags", "check_finite",
-    "check_finite_weights", "get_device", "make_parser", "runtime", "set_seed", "setup_run",
+    "check_finite_weights", "get_device", "make_parser", "model_name", "runtime", "set_seed", "setup_run",
     # core.reinforce
     "EpochPolicies", "Stats", "baseline_policy", "curriculum_blocks", "curriculum_mask", "evaluate", "get_reward",
     "greedy_policy", "performance_stats", "sample_policy", "sampled_batches",
@@ -127,4 +139,6 @@ __all__ = [
     "rng_state", "set_rng_state", "state_digest",
     # core.training
     "TrainingRun", "adjust_learning_rate", "stats_line",
+    # core.inference
+    "BlockDrop", "class_names", "image_transform", "load_blockdrop",
 ]  # fmt: skip

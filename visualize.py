@@ -191,8 +191,10 @@ def main(args):
         raise utils.UserError(f"--classes {args.classes}: at most {MAX_CLASSES} classes fit in a figure")
     device = utils.runtime(args.device).device
     utils.set_seed(args.seed)
-    rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False)
-    _, testset = utils.get_data(args)
+    folder = utils.folder_data(args, args.load)  # image folders: classes, normalisation
+    classes = folder and len(folder.classes)
+    rnet, agent, _ = utils.models_for_run(args.model, args.load, args.dummy, init_agent=False, num_classes=classes)
+    _, testset = utils.get_data(args, folder)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -204,9 +206,9 @@ def main(args):
     policies, targets, correct = greedy_policies(rnet, agent, loader, device)
     targets = targets.long()
     blocks = policies.sum(1)
-    spec = utils.model_spec(args.model)
-    names = class_names(testset, spec.num_classes)
-    present = torch.bincount(targets, minlength=spec.num_classes)
+    num_classes = rnet.fc.out_features
+    names = list(folder.classes) if folder else class_names(testset, num_classes)
+    present = torch.bincount(targets, minlength=num_classes)
     shown = [c for c in present.argsort(descending=True, stable=True).tolist() if present[c] > 0][: args.classes]
     shown.sort()
     image = displayable(testset)

@@ -13,16 +13,18 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from core.cli import UserError
+from core.folders import ClassFolders, FolderData
 from core.models import MODELS, model_spec
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-def get_transforms(rnet: str, dset: str) -> tuple[Callable, Callable]:
+def get_transforms(rnet: str, dset: str, folder: FolderData | None = None) -> tuple[Callable, Callable]:
     """Train and test transforms of ResNet ``rnet`` on dataset key ``dset``.
 
     ``rnet`` is the depth part of a model name, as the original passes it (``'R32'``), or the whole
     name (``'R32_C10'``): both give the same transforms. Unknown names are errors naming the valid ones.
+    Image folders (``Folder``) need their ``folder`` data (normalisation).
     """
     datasets = list(dict.fromkeys(spec.dataset for spec in MODELS.values()))
     if dset not in datasets:
@@ -48,10 +50,19 @@ def get_transforms(rnet: str, dset: str) -> tuple[Callable, Callable]:
         norm = [T.ToTensor(), T.Normalize([0.286] * 3, [0.353] * 3)]
         augment = [T.RandomCrop(32, padding=2), T.RandomHorizontalFlip()]
         return T.Compose(base + augment + norm), T.Compose(base + norm)
-    if dset == "ImgNet":
-        norm = [T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
+    if dset == "Folder" and folder is None:
+        raise UserError(f"{rnet}: image folders need their normalisation (a FolderData)")
+    imagenet = model_spec(rnet).imagenet
+    if dset == "ImgNet" or imagenet:
+        mean, std = (folder.mean, folder.std) if folder else ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        norm = [T.ToTensor(), T.Normalize(mean, std)]
         train = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip()] + norm)
         return train, T.Compose([T.Resize(256), T.CenterCrop(224)] + norm)
+    if dset == "Folder":  # CIFAR-style: every image brought to 32x32, then CIFAR's augmentation
+        size = [T.Resize(32), T.CenterCrop(32)]
+        norm = [T.ToTensor(), T.Normalize(folder.mean, folder.std)]
+        augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        return T.Compose(size + augment + norm), T.Compose(size + norm)
     raise AssertionError(dset)  # every dataset of the table has its transforms above
 
 
@@ -128,13 +139,25 @@ def _cifar(dset: str, root: str, transform_train, transform_test):
     return train, test
 
 
-def get_dataset(model: str, root: str = "data/"):
-    """Train and test sets for a model name, with the model's transforms."""
+def get_dataset(model: str, root: str = "data/", folder: FolderData | None = None):
+    """Train and test sets for a model name, with the model's transforms (image folders: with ``folder``'s)."""
     spec = model_spec(model)
-    transform_train, transform_test = get_transforms(spec.name, spec.dataset)
+    transform_train, transform_test = get_transforms(spec.name, spec.dataset, folder)
     if spec.dataset == "FMNIST":  # Debian's files need no data directory
         return _fashion_mnist(root, transform_train, transform_test)
     _require_dir(root)
+    if spec.dataset == "Folder":
+        sets = []
+        for split, transform in (("train", transform_train), ("val", transform_test)):
+            path = Path(root) / split
+            if not path.is_dir():
+                raise UserError(
+                    f"image folder {path} does not exist: --data_dir must hold train/ and val/ class folders"
+                )
+            sets.append(ClassFolders(path, folder.classes, transform))
+        if not len(sets[0]):
+            raise UserError(f"image folder {Path(root) / 'train'} holds no images")
+        return tuple(sets)
     if spec.dataset == "ImgNet":
         sets = []
         for split, transform in (("train", transform_train), ("val", transform_test)):
@@ -151,22 +174,25 @@ def get_dataset(model: str, root: str = "data/"):
     return _cifar(spec.dataset, root, transform_train, transform_test)
 
 
-def get_dummy_dataset(model: str, n: int, seed: int = 0):
+def get_dummy_dataset(model: str, n: int, seed: int = 0, num_classes: int | None = None):
     """``n`` random images of the model's input size with random labels, as train and test sets."""
     spec = model_spec(model)
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, *spec.input_size, generator=g)
-    labels = torch.randint(0, spec.num_classes, (n,), generator=g)
+    labels = torch.randint(0, num_classes or spec.num_classes or 10, (n,), generator=g)
     data = TensorDataset(images, labels)
     return data, data
 
 
-def get_data(args) -> tuple[Dataset, Dataset]:
-    """Train and test sets as the common flags ask: fake (``--dummy``), real, or a real subset."""
+def get_data(args, folder: FolderData | None = None) -> tuple[Dataset, Dataset]:
+    """Train and test sets as the common flags ask: fake (``--dummy``), real, or a real subset.
+
+    Image folders (Folder models) need the run's ``folder`` data.
+    """
     if args.dummy:
-        trainset, testset = get_dummy_dataset(args.model, args.dummy, args.seed)
+        trainset, testset = get_dummy_dataset(args.model, args.dummy, args.seed, folder and len(folder.classes))
     else:
-        trainset, testset = get_dataset(args.model, args.data_dir)
+        trainset, testset = get_dataset(args.model, args.data_dir, folder)
     if args.subset:
         trainset = Subset(trainset, range(min(args.subset, len(trainset))))
     return trainset, testset

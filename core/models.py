@@ -23,16 +23,17 @@ class ModelSpec:
     """Everything that a model name ``R<depth>_<dataset>`` stands for."""
 
     name: str
-    dataset: str  # C10, C100, FMNIST or ImgNet
-    num_classes: int
+    dataset: str  # a key of DATASETS
+    num_classes: int | None  # None: as many as the class folders of the data (Folder)
     block: type[nn.Module]
     layer_config: tuple[int, ...]
+    style: str = "cifar"  # cifar: 32x32 inputs, three stages; imagenet: 224x224 inputs, four stages
     pretrained_file: str | None = None  # the released base model, relative to cv/pretrained/<name>
-    torchvision_arch: str | None = None  # ImageNet-style models: torchvision's pretrained weights
+    torchvision_arch: str | None = None  # torchvision's ImageNet weights for the base ResNet
 
     @property
     def imagenet(self) -> bool:
-        return self.dataset == "ImgNet"
+        return self.style == "imagenet"
 
     @property
     def num_blocks(self) -> int:
@@ -43,18 +44,38 @@ class ModelSpec:
         return (3, 224, 224) if self.imagenet else (3, 32, 32)
 
 
-CIFAR_DATASETS = {"C10": 10, "C100": 100, "FMNIST": 10}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset of the model names: its classes and the ResNets (styles) that run on it."""
+
+    key: str
+    num_classes: int | None  # None: from the class folders of --data_dir/train
+    styles: tuple[str, ...]
+    torchvision_weights: bool = False  # torchvision's ImageNet weights fit its base ResNets
 
 
-CIFAR_DEPTHS = (20, 32, 44, 56, 110)
+DATASETS = {
+    d.key: d
+    for d in [
+        DatasetSpec("C10", 10, ("cifar",)),
+        DatasetSpec("C100", 100, ("cifar",)),
+        DatasetSpec("FMNIST", 10, ("cifar",)),
+        DatasetSpec("ImgNet", 1000, ("imagenet",), torchvision_weights=True),
+        DatasetSpec("Folder", None, ("cifar", "imagenet")),
+    ]
+}
 
 
-IMAGENET_LAYERS = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    50: (Bottleneck, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
+# depth -> (block, blocks per stage), per style
+ARCHITECTURES = {
+    "cifar": {depth: (BasicBlock, ((depth - 2) // 6,) * 3) for depth in (20, 32, 44, 56, 110)},
+    "imagenet": {
+        18: (BasicBlock, (2, 2, 2, 2)),
+        34: (BasicBlock, (3, 4, 6, 3)),
+        50: (Bottleneck, (3, 4, 6, 3)),
+        101: (Bottleneck, (3, 4, 23, 3)),
+        152: (Bottleneck, (3, 8, 36, 3)),
+    },
 }
 
 
@@ -70,14 +91,14 @@ RELEASED_BASE_FILES = {
 
 def _build_model_table() -> dict[str, ModelSpec]:
     table = {}
-    for dataset, classes in CIFAR_DATASETS.items():
-        for depth in CIFAR_DEPTHS:
-            name = f"R{depth}_{dataset}"
-            n = (depth - 2) // 6
-            table[name] = ModelSpec(name, dataset, classes, BasicBlock, (n, n, n), RELEASED_BASE_FILES.get(name))
-    for depth, (block, layers) in IMAGENET_LAYERS.items():
-        name = f"R{depth}_ImgNet"
-        table[name] = ModelSpec(name, "ImgNet", 1000, block, layers, RELEASED_BASE_FILES.get(name), f"resnet{depth}")
+    for data in DATASETS.values():
+        for style in data.styles:
+            for depth, (block, layers) in ARCHITECTURES[style].items():
+                name = f"R{depth}_{data.key}"
+                arch = f"resnet{depth}" if data.torchvision_weights else None
+                table[name] = ModelSpec(
+                    name, data.key, data.num_classes, block, layers, style, RELEASED_BASE_FILES.get(name), arch
+                )
     return table
 
 
@@ -92,14 +113,20 @@ def model_spec(model: str) -> ModelSpec:
         raise UserError(f"unknown model {model!r}; valid models: {', '.join(MODELS)}") from None
 
 
-def build_model(model: str) -> tuple[FlatResNet, Policy]:
-    """A randomly initialised ResNet and policy network for a model name."""
+def build_model(model: str, num_classes: int | None = None) -> tuple[FlatResNet, Policy]:
+    """A randomly initialised ResNet and policy network for a model name.
+
+    ``num_classes`` is needed by the models whose data says it (Folder) and replaces the table's otherwise.
+    """
     spec = model_spec(model)
+    num_classes = num_classes or spec.num_classes
+    if num_classes is None:
+        raise UserError(f"{spec.name} takes its number of classes from its data, and none was given")
     if spec.imagenet:
-        rnet = FlatResNet224(spec.block, list(spec.layer_config), num_classes=spec.num_classes)
+        rnet = FlatResNet224(spec.block, list(spec.layer_config), num_classes=num_classes)
         agent = Policy224([1, 1, 1, 1], num_blocks=spec.num_blocks)
     else:
-        rnet = FlatResNet32(spec.block, list(spec.layer_config), num_classes=spec.num_classes)
+        rnet = FlatResNet32(spec.block, list(spec.layer_config), num_classes=num_classes)
         agent = Policy32([1, 1, 1], num_blocks=spec.num_blocks)
     return rnet, agent
 
@@ -144,8 +171,8 @@ def load_pretrained_rnet(rnet: FlatResNet, model: str, root: Path = PRETRAINED_D
 
 
 def load_pretrained_agent(agent: Policy, model: str) -> None:
-    """ImageNet policy networks start from ResNet-18 (first block of each stage); CIFAR ones do not."""
-    if model_spec(model).imagenet:
+    """ImageNet policy networks start from ResNet-18 (first block of each stage); others do not."""
+    if model_spec(model).torchvision_arch:
         load_weights_to_flatresnet(_torchvision_weights("resnet18"), agent.features, strict=False)
 
 
@@ -159,16 +186,22 @@ def get_model(model: str, pretrained: bool = True) -> tuple[FlatResNet, Policy]:
 
 
 def models_for_run(
-    model: str, load: str | None = None, dummy: bool = False, init_agent: bool = True, load_resnet: bool = True
+    model: str,
+    load: str | None = None,
+    dummy: bool = False,
+    init_agent: bool = True,
+    load_resnet: bool = True,
+    num_classes: int | None = None,
 ):
     """ResNet and agent for a script: ``load``'s weights where it has them, pretrained ones otherwise.
 
     With ``load_resnet=False`` only ``load``'s agent (and epoch) is taken; the ResNet is the base model.
+    ``num_classes``: of the models whose data says it (Folder).
 
     With fake data (``dummy``) missing pretrained weights are replaced by random ones, with a note.
     Returns (rnet, agent, checkpoint dict or {}).
     """
-    rnet, agent = build_model(model)
+    rnet, agent = build_model(model, num_classes)
     if not load or load == "nil":  # 'nil': the original's name for no checkpoint
         ckpt = {}
     elif load_resnet:

@@ -25,7 +25,12 @@ def model_name(text: str) -> str:
 def common_parser() -> argparse.ArgumentParser:
     """Flags every script shares (a parent parser)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", type=model_name, default="R110_C10", help="R<depth>_<C10|C100|FMNIST|ImgNet>")
+    p.add_argument(
+        "--model",
+        type=model_name,
+        default="R110_C10",
+        help="R<depth>_<C10|C100|FMNIST|ImgNet|Folder> (Folder: your own train/ and val/ class folders)",
+    )
     p.add_argument(
         "--data_dir", default="data/", help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)"
     )

@@ -37,6 +37,7 @@ class TrainingRun:
         self.resumed = load_resume(args, cv_dir)  # last.t7's dict; None for a new run
         self._first = self.last_epoch = 0
         self.writer = None
+        self.extra: dict = {}  # entries that every checkpoint of the run carries (image folders' data)
 
     def first_epoch(self, new_run: int) -> int:
         """The run's first epoch: ``new_run`` for a new run, the resumed run's own otherwise."""
@@ -80,7 +81,7 @@ class TrainingRun:
         stats = performance_stats(*results)
         self.report("test", stats, results[0], epoch)
         if self.is_main:
-            checkpoint = {**state, "epoch": epoch, "reward": stats.reward, "acc": stats.accuracy}
+            checkpoint = {**state, **self.extra, "epoch": epoch, "reward": stats.reward, "acc": stats.accuracy}
             save_checkpoint(checkpoint, checkpoint_path(self.cv_dir, epoch, stats))
         return stats
 
@@ -90,7 +91,7 @@ class TrainingRun:
         The last write of an epoch: a run killed before it repeats the epoch, identically.
         """
         if self.is_main:
-            save_resume(self.cv_dir, self.args, {**state, "epoch": epoch, "first_epoch": self._first})
+            save_resume(self.cv_dir, self.args, {**state, **self.extra, "epoch": epoch, "first_epoch": self._first})
 
     def close(self) -> None:
         """Close the log and leave the process group."""
