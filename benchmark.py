@@ -129,6 +129,8 @@ def benchmark_inference(args, rt) -> dict:
     memory = torch.channels_last if args.channels_last else torch.contiguous_format
     rnet.to(memory_format=memory)
     agent.to(memory_format=memory)
+    # ImageNet-style models: torchvision's ResNet with the same weights, the full network users would run
+    twin = utils.torchvision_twin(rnet, args.model).eval().to(memory_format=memory) if spec.imagenet else None
     images, policies = inference_inputs(args, spec, device)
     images = images.contiguous(memory_format=memory)
     with torch.inference_mode(), rt.autocast():
@@ -155,6 +157,8 @@ def benchmark_inference(args, rt) -> dict:
         }
         if args.masked:
             fns["masked"] = lambda c=chunks: [rnet.forward_masked(x, p) for x, p in c]
+        if twin is not None:
+            fns["torchvision"] = lambda c=chunks: [twin(x) for x, _ in c]
         with torch.inference_mode(), rt.autocast():
             seconds = time_alternating(fns, device, args)
         n = images.shape[0]
@@ -165,6 +169,10 @@ def benchmark_inference(args, rt) -> dict:
         row["speedup_over_flops_ratio"] = row["speedup"] / row["flops_ratio"]
         if args.masked:
             row["masked_speedup"] = seconds["full"] / seconds["masked"]
+        if twin is not None:
+            row["full_over_torchvision"] = seconds["torchvision"] / seconds["full"]  # the full network's parity
+            row["speedup_over_torchvision"] = seconds["torchvision"] / seconds["blockdrop"]
+            row["speedup_over_torchvision_over_flops_ratio"] = row["speedup_over_torchvision"] / row["flops_ratio"]
         rows.append(row)
     source = (
         f"greedy policies of {args.load}"
@@ -269,13 +277,23 @@ def print_table(info: dict, training: bool) -> None:
         f"BlockDrop {info['flops_blockdrop']:.3E}"
     )
     masked = "masked_images_per_s" in info["results"][0]
+    twin = "torchvision_images_per_s" in info["results"][0]
     header = f"{'batch':>6} {'images':>7} {'full img/s':>11} {'BlockDrop img/s':>16}"
     header += f" {'masked img/s':>13}" if masked else ""
-    print(header + f" {'FLOPs ratio':>12} {'speed-up':>9} {'speed-up/FLOPs ratio':>21}")
+    header += f" {'torchvision img/s':>18}" if twin else ""
+    header += f" {'FLOPs ratio':>12} {'speed-up':>9} {'speed-up/FLOPs ratio':>21}"
+    print(header + (f" {'full/torchvision':>17} {'speed-up vs torchvision':>24} {'/FLOPs ratio':>13}" if twin else ""))
     for r in info["results"]:
         line = f"{r['batch_size']:>6} {r['images']:>7} {r['full_images_per_s']:>11.1f} {r['blockdrop_images_per_s']:>16.1f}"
         line += f" {r['masked_images_per_s']:>13.1f}" if masked else ""
-        print(line + f" {r['flops_ratio']:>12.2f} {r['speedup']:>9.2f} {r['speedup_over_flops_ratio']:>21.2f}")
+        line += f" {r['torchvision_images_per_s']:>18.1f}" if twin else ""
+        line += f" {r['flops_ratio']:>12.2f} {r['speedup']:>9.2f} {r['speedup_over_flops_ratio']:>21.2f}"
+        if twin:
+            line += (
+                f" {r['full_over_torchvision']:>17.2f} {r['speedup_over_torchvision']:>24.2f}"
+                f" {r['speedup_over_torchvision_over_flops_ratio']:>13.2f}"
+            )
+        print(line)
 
 
 def main(args):

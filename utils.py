@@ -47,6 +47,7 @@ from core.models import (
     load_pretrained_rnet,
     model_spec,
     models_for_run,
+    torchvision_twin,
 )
 
 # Your own image folders: their classes and normalisation, recorded in the run's checkpoints.
@@ -120,6 +121,7 @@ __all__ = [
     # core.models
     "ARCHITECTURES", "DATASETS", "MODELS", "PRETRAINED_DIR", "RELEASED_BASE_FILES", "DatasetSpec", "ModelSpec",
     "build_model", "find_pretrained", "get_model", "load_pretrained_agent", "load_pretrained_rnet", "model_spec", "models_for_run",
+    "torchvision_twin",
     # core.folders
     "FOLDER_KEY", "FolderData", "folder_classes", "folder_data", "image_stats", "recorded_folder_data",
     # core.data

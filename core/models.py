@@ -154,6 +154,29 @@ def _torchvision_weights(arch: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def torchvision_twin(rnet: FlatResNet224, model: str) -> nn.Module:
+    """torchvision's ResNet of an ImageNet-style model, with ``rnet``'s weights (the same function)."""
+    spec = model_spec(model)
+    if not spec.imagenet:
+        raise UserError(f"{model} is not an ImageNet-style ResNet: torchvision has no twin of it")
+    twin = torchvision.models.get_model(f"resnet{_depth(spec)}", num_classes=rnet.fc.out_features)
+    state = {}
+    for key, value in rnet.state_dict().items():
+        if key.startswith("ds."):
+            segment, rest = key[3:].split(".", 1)
+            key = f"layer{int(segment) + 1}.0.downsample.{rest}"
+        elif key.startswith("blocks."):
+            segment, rest = key[7:].split(".", 1)
+            key = f"layer{int(segment) + 1}.{rest}"
+        state[key] = value
+    twin.load_state_dict(state)
+    return twin.to(next(rnet.parameters()).device).train(rnet.training)
+
+
+def _depth(spec: ModelSpec) -> int:
+    return int(spec.name[1:].split("_")[0])
+
+
 def load_pretrained_rnet(rnet: FlatResNet, model: str, root: Path = PRETRAINED_DIR) -> str:
     """Load the base ResNet weights of ``model`` into ``rnet``; return where they came from."""
     spec = model_spec(model)

@@ -14,6 +14,14 @@ from torch import nn
 from models.base import BasicBlock, DownsampleB, conv3x3
 
 
+def add_relu(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """relu(residual + branch), in place in ``branch`` (a block's fresh output) as torchvision does: the
+    same numbers as ``F.relu(residual + branch)`` without two tensors of the activations' size."""
+    if branch.dtype != residual.dtype:  # mixed precision: promote as the out-of-place sum would
+        return F.relu(residual + branch)
+    return branch.add_(residual).relu_()
+
+
 class FlatResNet(nn.Module):
     """Shared forward passes; subclasses build the stem (``seed``), ``blocks``, ``ds`` and ``fc``."""
 
@@ -43,7 +51,7 @@ class FlatResNet(nn.Module):
         x = self.seed(x)
         for _, segment, k in self.block_positions():
             residual = self.ds[segment](x) if k == 0 else x
-            x = F.relu(residual + self.blocks[segment][k](x))
+            x = add_relu(self.blocks[segment][k](x), residual)
         return self.head(x)
 
     def forward_single(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,7 @@ class FlatResNet(nn.Module):
         x = self.seed(x)
         for t, segment, k in self.block_positions():
             residual = self.ds[segment](x) if k == 0 else x
-            x = F.relu(residual + self.blocks[segment][k](x)) if keep[t] else residual
+            x = add_relu(self.blocks[segment][k](x), residual) if keep[t] else residual
         return self.head(x)
 
     # On CPU, grouping pays when the average group has at least this many images (measured on
@@ -110,7 +118,7 @@ class FlatResNet(nn.Module):
 
     def _on_rows(self, block: nn.Module, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor):
         """``residual`` with block(x) + residual (after ReLU) written into ``rows`` (n,)."""
-        out = F.relu(residual.index_select(0, rows) + block(x.index_select(0, rows)))
+        out = add_relu(block(x.index_select(0, rows)), residual.index_select(0, rows))
         if torch.is_grad_enabled() and (out.requires_grad or residual.requires_grad):
             return residual.index_copy(0, rows, out)  # autograd needs residual unchanged
         return residual.index_copy_(0, rows, out)  # no copy of the whole batch
@@ -124,7 +132,7 @@ class FlatResNet(nn.Module):
             residual = self.ds[segment](x) if k == 0 else x
             block = self.blocks[segment][k]
             if counts[t] == batch:
-                x = F.relu(residual + block(x))
+                x = add_relu(block(x), residual)
             elif counts[t] == 0 and not uniform:
                 x = residual
             else:
@@ -156,7 +164,7 @@ class FlatResNet(nn.Module):
                 # Skipped; under --parallel it runs on no rows, so that every process calls it.
                 x = self._on_rows(block, x, residual, no_rows) if uniform else residual
                 continue
-            fx = F.relu(residual + block(x))
+            fx = add_relu(block(x), residual)
             if everyone[t]:
                 x = fx  # what the mask gives, bit for bit, without two more passes over the batch
             else:

@@ -79,3 +79,17 @@ def test_bad_combinations_are_one_line_errors(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_imagenet_style_models_are_timed_beside_torchvision_s_resnet(capsys):
+    args = ["--model", "R18_ImgNet", "--device", "cpu", "--repeats", 1, "--warmup", 0, "--images", 2]
+    info, out = run_benchmark(capsys, *args, "--batch_sizes", 1, 2)
+    assert "full/torchvision" in out.splitlines()[2] and "speed-up vs torchvision" in out.splitlines()[2]
+    for row in info["results"]:
+        assert row["torchvision_images_per_s"] > 0
+        assert row["full_over_torchvision"] == pytest.approx(row["full_images_per_s"] / row["torchvision_images_per_s"])
+        assert row["speedup_over_torchvision"] == pytest.approx(
+            row["blockdrop_images_per_s"] / row["torchvision_images_per_s"]
+        )
+    info, out = run_benchmark(capsys, *FAST, "--batch_sizes", 1)  # CIFAR-style: torchvision has no twin
+    assert "torchvision" not in out and "torchvision_images_per_s" not in info["results"][0]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torchvision
 
 import utils
 from models.base import BasicBlock, Bottleneck
@@ -341,3 +342,42 @@ def test_summed_block_flops_equal_a_measured_policy():
     x = torch.zeros(1, 3, 32, 32)
     measured = utils.count_flops(lambda: rnet.forward_single(x, policy))
     assert measured == base + int((policy.double() @ per_block).item())
+
+
+@pytest.mark.parametrize(
+    "arch, block, layers", [("resnet18", BasicBlock, [2, 2, 2, 2]), ("resnet50", Bottleneck, [3, 4, 6, 3])]
+)
+def test_the_full_network_computes_what_torchvision_s_resnet_computes(arch, block, layers):
+    reference = randomize_bn(torchvision.models.get_model(arch, weights=None))
+    flat = FlatResNet224(block, layers, 1000).eval()
+    utils.load_weights_to_flatresnet(reference.state_dict(), flat)
+    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(x)
+        assert torch.allclose(flat.forward_full(x), expected, rtol=1e-4, atol=1e-4)
+        # kept blocks alike: the sparse forward with every block, and with one policy per image
+        assert torch.allclose(flat(x, torch.ones(3, flat.num_blocks)), expected, rtol=1e-4, atol=1e-4)
+        # and back: benchmark.py's torchvision twin of the flat network is the reference itself
+        twin = utils.torchvision_twin(flat, arch.replace("resnet", "R") + "_ImgNet")
+        assert torch.equal(twin(x), expected)
+
+
+def test_blocks_add_in_place_yet_autograd_gets_the_out_of_place_gradients(r20, monkeypatch):
+    import models.resnet
+
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    policy = torch.tensor([[1.0] * 9, [1, 0] * 4 + [1], [0] * 9, [1] * 4 + [0] * 5])
+    net = FlatResNet32(BasicBlock, [3, 3, 3], 10)
+    net.load_state_dict(r20.state_dict())
+    net.train()
+    grads = []
+    for out_of_place in (False, True):
+        if out_of_place:
+            monkeypatch.setattr(models.resnet, "add_relu", lambda branch, res: torch.nn.functional.relu(res + branch))
+        net.zero_grad()
+        # the masked form (training's default) and the row-gathering one (--sparse)
+        loss = net(x, policy).square().sum() + net(x, policy, masked=False).square().sum()
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -165,3 +165,15 @@ def test_without_a_checkpoint_every_block_runs(png_folder, capsys):
     code, out, _ = run_predict(capsys, "--model", "R32_FMNIST", "--json", png_folder / "more")
     rows = [json.loads(line) for line in out[:-1]]
     assert code == 0 and len(rows) == N - N // 2 and {r["blocks"] for r in rows} == {15}
+
+
+def test_the_documented_python_example_runs(png_folder, monkeypatch, capsys):
+    text = open(os.path.join(ROOT, "docs", "your-own-images.md")).read()
+    (example,) = [block for block in text.split("```python\n")[1:] if "load_blockdrop" in block]
+    example = example.split("```")[0]
+    files = [str(png_folder / "000.png"), str(png_folder / "001.png")]
+    assert '["shoe.png", "shirt.png"]' in example
+    monkeypatch.chdir(ROOT)
+    exec(example.replace('["shoe.png", "shirt.png"]', repr(files)), {})
+    names, blocks = capsys.readouterr().out.strip().split("] [")
+    assert names == "['Ankle boot', 'Pullover'" and blocks == "7.0, 7.0]"  # the first two test images
