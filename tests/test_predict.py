@@ -167,9 +167,11 @@ def test_without_a_checkpoint_every_block_runs(png_folder, capsys):
     assert code == 0 and len(rows) == N - N // 2 and {r["blocks"] for r in rows} == {15}
 
 
-def test_the_documented_python_example_runs(png_folder, monkeypatch, capsys):
-    text = open(os.path.join(ROOT, "docs", "your-own-images.md")).read()
+@pytest.mark.parametrize("page", ["README.md", "docs/your-own-images.md"])
+def test_the_documented_python_example_runs(page, png_folder, monkeypatch, capsys):
+    text = open(os.path.join(ROOT, page)).read()
     (example,) = [block for block in text.split("```python\n")[1:] if "load_blockdrop" in block]
+    assert len(example.split("```")[0].strip().splitlines()) == 5
     example = example.split("```")[0]
     files = [str(png_folder / "000.png"), str(png_folder / "001.png")]
     assert '["shoe.png", "shirt.png"]' in example
