@@ -98,11 +98,11 @@ def time_alternating(fns: dict, device: torch.device, args) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def inference_inputs(args, spec, device):
+def inference_inputs(args, spec, device, folder):
     """Images (N, C, H, W) and, for synthetic policies, the policies (N, K)."""
     n = args.images or max(args.batch_sizes)
     if args.load:
-        _, testset = utils.get_data(args, utils.folder_data(args, args.load))
+        _, testset = utils.get_data(args, folder)
         if len(testset) < n:
             raise utils.UserError(f"--images {n}: the test set has only {len(testset)} images")
         images = torch.stack([testset[i][0] for i in range(n)])
@@ -116,8 +116,8 @@ def inference_inputs(args, spec, device):
 def benchmark_inference(args, rt) -> dict:
     device = rt.device
     spec = utils.model_spec(args.model)
+    folder = utils.folder_data(args, args.load) if args.load else None  # image folders: classes, normalisation
     if args.load:
-        folder = utils.folder_data(args, args.load)
         classes = folder and len(folder.classes)
         rnet, agent, _ = utils.models_for_run(
             args.model, args.load, bool(args.dummy), init_agent=False, num_classes=classes
@@ -131,7 +131,7 @@ def benchmark_inference(args, rt) -> dict:
     agent.to(memory_format=memory)
     # ImageNet-style models: torchvision's ResNet with the same weights, the full network users would run
     twin = utils.torchvision_twin(rnet, args.model).eval().to(memory_format=memory) if spec.imagenet else None
-    images, policies = inference_inputs(args, spec, device)
+    images, policies = inference_inputs(args, spec, device, folder)
     images = images.contiguous(memory_format=memory)
     with torch.inference_mode(), rt.autocast():
         if policies is None:

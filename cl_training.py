@@ -88,7 +88,7 @@ def main(args):
     with distributed.node_main_first():  # downloads once per node
         # --load gives the agent and the epoch only, as in the original (also from a finetuning
         # checkpoint); the frozen ResNet is always the base model, checked again on --resume.
-        folder = utils.folder_data(args, run.resumed, args.load)  # image folders: classes, normalisation
+        folder = utils.folder_data(args)  # image folders: the base model's classes and normalisation
         rnet, agent, ckpt = utils.models_for_run(
             args.model, args.load, args.dummy, load_resnet=False, num_classes=folder and len(folder.classes)
         )

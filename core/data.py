@@ -154,9 +154,10 @@ def get_dataset(model: str, root: str = "data/", folder: FolderData | None = Non
                 raise UserError(
                     f"image folder {path} does not exist: --data_dir must hold train/ and val/ class folders"
                 )
-            sets.append(ClassFolders(path, folder.classes, transform))
-        if not len(sets[0]):
-            raise UserError(f"image folder {Path(root) / 'train'} holds no images")
+            sets.append(ClassFolders(path, folder.classes, transform, every_class=split == "train"))
+        for split, images in zip(("train", "val"), sets, strict=True):
+            if not len(images):
+                raise UserError(f"image folder {Path(root) / split} holds no images (of torchvision's image types)")
         return tuple(sets)
     if spec.dataset == "ImgNet":
         sets = []

@@ -10,7 +10,6 @@ import torch
 import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
 
 from core.checkpoints import load_file
 from core.cli import UserError
@@ -49,22 +48,31 @@ class FolderData:
         return cls(tuple(classes), mean, std)
 
 
-def folder_classes(data_dir: str | os.PathLike) -> list[str]:
-    """The class folders of ``data_dir/train``, sorted, as ImageFolder numbers them."""
-    train = Path(data_dir) / "train"
-    if not train.is_dir():
-        raise UserError(f"image folder {train} does not exist: --data_dir must hold train/ and val/ class folders")
-    try:
-        classes, _ = find_classes(train)
-    except FileNotFoundError:
-        raise UserError(f"image folder {train} holds no class folders") from None
+def class_dirs(folder: str | os.PathLike) -> list[str]:
+    """The class folders of a split, sorted as ImageFolder numbers them; hidden folders are not classes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder {folder} does not exist: --data_dir must hold train/ and val/ class folders")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise UserError(f"image folder {folder} holds no class folders")
     return classes
 
 
-def image_stats(data_dir: str | os.PathLike, size: int, workers: int = 0) -> tuple[tuple, tuple]:
-    """Per-channel mean and std of the training images, as the model sees them before normalising."""
-    resize = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor()])
-    images = ImageFolder(Path(data_dir) / "train", resize)  # read as RGB
+def folder_classes(data_dir: str | os.PathLike) -> list[str]:
+    """The classes of ``data_dir/train``."""
+    return class_dirs(Path(data_dir) / "train")
+
+
+def image_stats(data_dir: str | os.PathLike, model: str, workers: int = 0) -> tuple[tuple, tuple]:
+    """Per-channel mean and std of the training images as the model's test transform gives them,
+    before normalising (CIFAR-style: resized to 32 and cropped; ImageNet-style: resized to 256,
+    centre crop 224)."""
+    resize, crop = (256, 224) if model_spec(model).imagenet else (32, 32)
+    transform = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor()])
+    images = ClassFolders(Path(data_dir) / "train", folder_classes(data_dir), transform, every_class=True)  # RGB
+    if not len(images):
+        raise UserError(f"image folder {Path(data_dir) / 'train'} holds no images")
     total = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     count = 0
@@ -82,7 +90,7 @@ def new_folder_data(model: str, data_dir: str, mean=None, std=None, workers: int
     """A new base model's data: the classes of ``data_dir/train``, the given mean and std or those of its images."""
     classes = folder_classes(data_dir)
     if mean is None or std is None:
-        computed = image_stats(data_dir, model_spec(model).input_size[-1], workers)
+        computed = image_stats(data_dir, model, workers)
         mean, std = mean or computed[0], std or computed[1]
     return FolderData.from_state({"classes": classes, "mean": list(mean), "std": list(std)}, "--mean/--std")
 
@@ -91,10 +99,11 @@ FAKE = FolderData(tuple(f"class {i}" for i in range(10)), (0.0, 0.0, 0.0), (1.0,
 
 
 def recorded_folder_data(model: str, data_dir: str | None, *sources, base: bool = True) -> FolderData | None:
-    """What the first source that records it says of a Folder run's data; None if none does.
-
-    Sources are checkpoint dicts or paths (None skipped), then the model's base file (``base``).
-    Where ``data_dir/train`` exists, its classes must be the recorded ones.
+    """What a Folder run's ResNet was trained with: the record of the first source that holds ResNet
+    weights (``resnet``, or a base model's ``state_dict``), else of the model's base file (``base``);
+    None if there is none. A curriculum checkpoint (agent only) is passed over: its ResNet is the
+    base model. Sources are checkpoint dicts or paths (None skipped). Where ``data_dir/train``
+    exists, its classes must be the recorded ones.
     """
     spec = model_spec(model)
     found = None
@@ -102,6 +111,8 @@ def recorded_folder_data(model: str, data_dir: str | None, *sources, base: bool 
         if source is None or source == "nil":
             continue
         ckpt = source if isinstance(source, dict) else load_file(source)
+        if "resnet" not in ckpt and "state_dict" not in ckpt:
+            continue
         if FOLDER_KEY in ckpt:
             found = FolderData.from_state(ckpt[FOLDER_KEY], "the run" if isinstance(source, dict) else str(source))
             break
@@ -123,11 +134,14 @@ def folder_data(args, *sources, new: bool = False) -> FolderData | None:
         return None
     data_dir = None if args.dummy else args.data_dir
     found = recorded_folder_data(args.model, data_dir, *sources, base=not new)
+    given = new and (args.mean is not None or args.std is not None)
     if found is not None:
+        if given and (tuple(args.mean or found.mean), tuple(args.std or found.std)) != (found.mean, found.std):
+            raise UserError("--mean/--std: the weights this run starts from were trained with another normalisation")
         return found
+    if args.dummy:
+        return FAKE  # fake data: any normalisation does
     if new:
-        if args.dummy:
-            return FAKE
         return new_folder_data(args.model, args.data_dir, args.mean, args.std, args.workers)
     raise UserError(
         f"no base model of {args.model} records its classes and normalisation: "
@@ -138,12 +152,18 @@ def folder_data(args, *sources, new: bool = False) -> FolderData | None:
 class ClassFolders(ImageFolder):
     """ImageFolder with given classes: a split lacking some of them keeps the others' labels."""
 
-    def __init__(self, root, classes, transform):
+    def __init__(self, root, classes, transform, every_class: bool = False):
         self._given = list(classes)
         super().__init__(root, transform, allow_empty=True)
+        if every_class:  # training images: each class needs some
+            empty = sorted(set(self._given) - {self._given[label] for label in self.targets})
+            if empty:
+                raise UserError(
+                    f"image folder {root} holds no images of {', '.join(empty)} (of torchvision's image types)"
+                )
 
     def find_classes(self, directory):
-        present = set(find_classes(directory)[0])
+        present = set(class_dirs(directory))
         if not present <= set(self._given):
             unknown = ", ".join(sorted(present - set(self._given)))
             raise UserError(f"{directory} has class folders that the training images do not have: {unknown}")

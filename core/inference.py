@@ -1,6 +1,7 @@
 """A trained BlockDrop model as one module: images in, logits and the blocks each image ran out."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torchvision
@@ -58,7 +59,7 @@ def image_transform(model: str, folder: FolderData | None = None) -> Callable[[I
     mode, size = NATIVE[spec.dataset]
     _, test = get_transforms(spec.name, spec.dataset, folder)
     resize = [T.Resize(size), T.CenterCrop(size)] if size else []
-    return T.Compose([lambda img: img.convert(mode), *resize, test])
+    return T.Compose([partial(Image.Image.convert, mode=mode), *resize, test])  # picklable for workers
 
 
 class BlockDrop(nn.Module):
@@ -107,7 +108,9 @@ def load_blockdrop(
     Bad input (unknown model, unreadable or unsafe file, another model's file) is a UserError.
     """
     spec = model_spec(model)
-    folder = recorded_folder_data(spec.name, None, checkpoint)  # image folders: classes, normalisation
+    folder = None
+    if spec.num_classes is None:  # image folders: classes and normalisation as recorded
+        folder = recorded_folder_data(spec.name, None, checkpoint)
     if spec.num_classes is None and folder is None:
         raise UserError(f"neither {checkpoint or 'a checkpoint'} nor a base model of {spec.name} records its classes")
     classes = list(folder.classes) if folder else class_names(spec.dataset, data_dir)

@@ -54,13 +54,10 @@ def work(tmp_path_factory):
 
 
 def test_statistics_are_those_of_the_resized_training_images(work):
-    mean, std = utils.image_stats(work / "data", 32)
+    mean, std = utils.image_stats(work / "data", "R20_Folder")
     resize = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()])
     pixels = torch.cat(
-        [
-            resize(Image.open(p).convert("RGB")).reshape(3, -1)
-            for p in sorted((work / "data" / "train").rglob("*.png"))
-        ],
+        [resize(Image.open(p).convert("RGB")).reshape(3, -1) for p in sorted((work / "data" / "train").rglob("*.png"))],
         1,
     ).double()
     assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-5)
@@ -72,9 +69,7 @@ def pipeline(work):
     """pretrain.py, cl_training.py, finetune.py on R20_Folder; their outputs."""
     common = ["--model", "R20_Folder", "--data_dir", "data/", "--batch_size", 12]
     out = {"pretrain": run("pretrain.py", *common, "--epochs", 3, "--lr", 0.05, cwd=work)}
-    out["cl"] = run(
-        "cl_training.py", *common, "--max_epochs", 9, "--eval_every", 9, "--cv_dir", "cv/cl/", cwd=work
-    )
+    out["cl"] = run("cl_training.py", *common, "--max_epochs", 9, "--eval_every", 9, "--cv_dir", "cv/cl/", cwd=work)
     cl = last_checkpoint(work / "cv/cl")
     out["ft"] = run(
         "finetune.py", *common, "--max_epochs", 1, "--pretrained", cl, "--cv_dir", "cv/ft/", "--penalty", -1, cwd=work
@@ -94,7 +89,7 @@ def test_pretrain_records_the_classes_and_statistics(work, pipeline):
     assert pipeline["pretrain"].returncode == 0, pipeline["pretrain"].stderr
     (base,) = (work / "cv/pretrained/R20_Folder").glob("pk_E_3_A_*.t7")
     rec = record(base)
-    mean, std = utils.image_stats(work / "data", 32)
+    mean, std = utils.image_stats(work / "data", "R20_Folder")
     assert rec == {"classes": CLASSES, "mean": list(mean), "std": list(std)}
     assert torch.load(base, weights_only=True)["state_dict"]["fc.weight"].shape == (3, 64)
     assert record(work / "cv/pretrained/R20_Folder/last.t7") == rec
@@ -184,3 +179,60 @@ def test_the_model_table_has_folder_models_of_both_styles():
         utils.build_model("R32_Folder")
     rnet, _ = utils.build_model("R32_Folder", 7)
     assert rnet.fc.out_features == 7
+
+
+def test_predict_s_inputs_are_test_py_s_tensor_for_tensor(work, pipeline):
+    assert pipeline["ft"].returncode == 0, pipeline["ft"].stderr
+    ft = str(last_checkpoint(work / "cv/ft"))
+    net = utils.load_blockdrop("R20_Folder", ft)
+    folder = utils.recorded_folder_data("R20_Folder", str(work / "data"), ft)
+    _, val = utils.get_dataset("R20_Folder", str(work / "data"), folder)
+    for i, (path, _) in enumerate(val.samples):
+        with Image.open(path) as img:
+            assert torch.equal(net.transform(img), val[i][0]), path
+
+
+def test_a_resumed_base_model_keeps_its_record(tmp_path):
+    write_folders(tmp_path / "data", per_class=(4, 2))
+    flags = ["--model", "R20_Folder", "--data_dir", "data/", "--batch_size", 6, "--mean", 0.3, 0.3, 0.3]
+    assert run("pretrain.py", *flags, "--epochs", 2, cwd=tmp_path).returncode == 0
+    # as if the run had been stopped after its first epoch: last.t7 says so, without pk_E_2
+    last = tmp_path / "cv/pretrained/R20_Folder/last.t7"
+    state = torch.load(last, weights_only=True)
+    (done,) = (tmp_path / "cv/pretrained/R20_Folder").glob("pk_E_2_A_*.t7")
+    done.unlink()
+    utils.save_checkpoint({**state, "epoch": 1}, last)
+    out = run("pretrain.py", *flags, "--epochs", 2, "--resume", cwd=tmp_path)
+    assert out.returncode == 0 and "E: 2 |" in out.stdout and "E: 1 |" not in out.stdout, out.stderr
+    (base,) = (tmp_path / "cv/pretrained/R20_Folder").glob("pk_E_2_A_*.t7")
+    assert record(base)["mean"] == [0.3, 0.3, 0.3] and record(base)["classes"] == CLASSES
+    # another normalisation than that of the weights a run starts from is refused
+    out = run("pretrain.py", *flags[:-4], "--mean", 0.5, 0.5, 0.5, "--load", base, "--cv_dir", "b/", cwd=tmp_path)
+    assert out.returncode == 2 and "another normalisation" in out.stderr and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("broken", ["empty val", "empty class", "hidden folder"])
+def test_folders_that_are_not_datasets(broken, tmp_path):
+    write_folders(tmp_path / "data", per_class=(2, 1))
+    if broken == "empty val":
+        for path in (tmp_path / "data" / "val").rglob("*.png"):
+            path.unlink()
+    elif broken == "empty class":
+        for path in (tmp_path / "data" / "train" / "red").iterdir():
+            path.unlink()
+    else:
+        (tmp_path / "data" / "train" / ".cache").mkdir()
+    out = run("pretrain.py", "--model", "R20_Folder", "--data_dir", "data/", "--epochs", 1, cwd=tmp_path)
+    if broken == "hidden folder":  # not a class
+        assert out.returncode == 0, out.stderr
+        (base,) = (tmp_path / "cv/pretrained/R20_Folder").glob("pk_E_1_*.t7")
+        assert record(base)["classes"] == CLASSES
+    else:
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert "holds no images" in out.stderr or "holds no class folders" in out.stderr
+
+
+def test_fake_data_needs_no_base_model(tmp_path):
+    out = run("test.py", "--model", "R32_Folder", "--dummy", 16, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Block Usage: 15.000" in out.stdout

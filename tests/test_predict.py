@@ -171,7 +171,7 @@ def test_without_a_checkpoint_every_block_runs(png_folder, capsys):
 def test_the_documented_python_example_runs(page, png_folder, monkeypatch, capsys):
     text = open(os.path.join(ROOT, page)).read()
     (example,) = [block for block in text.split("```python\n")[1:] if "load_blockdrop" in block]
-    assert len(example.split("```")[0].strip().splitlines()) == 5
+    assert len([line for line in example.split("```")[0].splitlines() if line.strip()]) == 5
     example = example.split("```")[0]
     files = [str(png_folder / "000.png"), str(png_folder / "001.png")]
     assert '["shoe.png", "shirt.png"]' in example
@@ -179,3 +179,15 @@ def test_the_documented_python_example_runs(page, png_folder, monkeypatch, capsy
     exec(example.replace('["shoe.png", "shirt.png"]', repr(files)), {})
     names, blocks = capsys.readouterr().out.strip().split("] [")
     assert names == "['Ankle boot', 'Pullover'" and blocks == "7.0, 7.0]"  # the first two test images
+
+
+def test_the_transform_goes_to_worker_processes(varied_checkpoint, png_folder, capsys):
+    import pickle
+
+    for model in ("R20_FMNIST", "R20_C10", "R18_ImgNet"):
+        pickle.dumps(utils.image_transform(model))  # DataLoader workers started by spawn or forkserver
+    args = ["--model", "R20_FMNIST", "--load", varied_checkpoint, "--json", png_folder / "more"]
+    code, out, _ = run_predict(capsys, *args, "--workers", 2, "--batch_size", 5)
+    assert code == 0
+    code, out0, _ = run_predict(capsys, *args)
+    assert [json.loads(line)["label"] for line in out[:-1]] == [json.loads(line)["label"] for line in out0[:-1]]
