@@ -354,9 +354,10 @@ def test_the_full_network_computes_what_torchvision_s_resnet_computes(arch, bloc
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference(x)
-        assert torch.allclose(flat.forward_full(x), expected, rtol=1e-4, atol=1e-4)
+        atol = 1e-5 * expected.abs().max().item()  # float rounding, at the logits' scale (hundreds here)
+        assert torch.allclose(flat.forward_full(x), expected, rtol=1e-4, atol=atol)
         # kept blocks alike: the sparse forward with every block, and with one policy per image
-        assert torch.allclose(flat(x, torch.ones(3, flat.num_blocks)), expected, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(flat(x, torch.ones(3, flat.num_blocks)), expected, rtol=1e-4, atol=atol)
         # and back: benchmark.py's torchvision twin of the flat network is the reference itself
         twin = utils.torchvision_twin(flat, arch.replace("resnet", "R") + "_ImgNet")
         assert torch.equal(twin(x), expected)
