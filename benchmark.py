@@ -35,7 +35,12 @@ import utils
 
 def get_args_parser():
     p = utils.make_parser("Measure BlockDrop's wall-clock speed-up against the full ResNet.")
-    p.add_argument("--load", default=None, help="BlockDrop checkpoint whose agent chooses the policies (timed too)")
+    p.add_argument(
+        "--load",
+        type=utils.path,
+        default=None,
+        help="BlockDrop checkpoint whose agent chooses the policies (timed too)",
+    )
     p.add_argument(
         "--keep_rate",
         type=utils.fraction,
@@ -43,10 +48,10 @@ def get_args_parser():
         help="synthetic policies: keep each block with this probability (default 1/3; not with --load)",
     )
     p.add_argument(
-        "--batch_sizes", type=utils.positive_int, nargs="+", default=None, help="default: 1 256 (ImageNet: 1 32)"
+        "--batch_sizes", type=utils.batch_size, nargs="+", default=None, help="default: 1 256 (ImageNet: 1 32)"
     )
     p.add_argument(
-        "--images", type=utils.positive_int, default=None, help="images per timed run (default: largest batch)"
+        "--images", type=utils.batch_size, default=None, help="images per timed run (default: largest batch)"
     )
     p.add_argument("--repeats", type=utils.positive_int, default=5, help="timed runs; the median is reported")
     p.add_argument("--warmup", type=utils.non_negative_int, default=1, help="untimed runs first")
@@ -59,7 +64,7 @@ def get_args_parser():
     )
     p.add_argument("--masked", action="store_true", help="also time the original's masked form")
     p.add_argument("--training", action="store_true", help="time training epochs instead (sparse vs masked forward)")
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="--training: batch size")
+    p.add_argument("--batch_size", type=utils.batch_size, default=256, help="--training: batch size")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     return p
 

@@ -15,9 +15,9 @@ from core import distributed
 def get_args_parser():
     p = utils.make_parser("Curriculum learning of the policy network (ResNet frozen).")
     p.add_argument("--lr", type=utils.positive_float, default=1e-3, help="learning rate")
-    p.add_argument("--beta", type=float, default=1e-1, help="entropy bonus weight")
+    p.add_argument("--beta", type=utils.finite_float, default=1e-1, help="entropy bonus weight")
     p.add_argument("--wd", type=utils.non_negative_float, default=0.0, help="weight decay")
-    p.add_argument("--load", default=None, help="checkpoint to resume from (agent and epoch)")
+    p.add_argument("--load", type=utils.path, default=None, help="checkpoint to resume from (agent and epoch)")
     utils.add_schedule_flags(p, epoch_step=10000, max_epochs=10000)
     p.add_argument(
         "--cl_step",
@@ -26,7 +26,7 @@ def get_args_parser():
         help="curriculum switch, as in the original: below the number of blocks K, the agent decides the last "
         "min(epoch + 1, K) blocks at each epoch; K or more: every block from the first epoch (no curriculum)",
     )
-    p.add_argument("--penalty", type=float, default=-1, help="reward of a wrong prediction (gamma)")
+    p.add_argument("--penalty", type=utils.finite_float, default=-1, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
     utils.add_run_flags(
         p,

@@ -24,7 +24,8 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from core.cli import ArgumentParser, UserError, positive_float, run
+from core.cli import ArgumentParser, UserError, float_in, run
+from core.cli import path as path_arg
 
 URLS = (
     "https://www.cs.utexas.edu/~tushar/blockdrop/blockdrop-checkpoints.tar.gz",
@@ -55,10 +56,13 @@ def get_args_parser():
     )
     p.add_argument(
         "--archive",
+        type=path_arg,
         default="cv/blockdrop-checkpoints.tar.gz",
         help="where the tarball is kept; if this file exists it is used as it is, without downloading",
     )
-    p.add_argument("--dest", default="cv/", help="folder to unpack into (the tarball's top-level cv/ maps onto it)")
+    p.add_argument(
+        "--dest", type=path_arg, default="cv/", help="folder to unpack into (the tarball's top-level cv/ maps onto it)"
+    )
     p.add_argument(
         "--sha256", type=sha256_hex, help="expected SHA-256 of the tarball; nothing is unpacked if it differs"
     )
@@ -67,7 +71,12 @@ def get_args_parser():
         action="store_true",
         help="replace files in --dest that differ from the tarball's (default: stop)",
     )
-    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for a server to answer")
+    p.add_argument(
+        "--timeout",
+        type=float_in(0, 86_400),
+        default=30.0,
+        help="seconds to wait for a server to answer (at most a day)",
+    )
     return p
 
 

@@ -15,14 +15,15 @@ def get_args_parser():
     p = utils.make_parser("Joint finetuning of the policy network and the ResNet.")
     p.add_argument("--lr", type=utils.positive_float, default=1e-4, help="learning rate")
     p.add_argument("--wd", type=utils.non_negative_float, default=0.0, help="weight decay")
-    p.add_argument("--load", default=None, help="checkpoint to resume from (ResNet, agent and epoch)")
+    p.add_argument("--load", type=utils.path, default=None, help="checkpoint to resume from (ResNet, agent and epoch)")
     p.add_argument(
         "--pretrained",
+        type=utils.path,
         default=None,
         help="curriculum-learning checkpoint to start the agent from (ignored with --load)",
     )
     utils.add_schedule_flags(p, epoch_step=1600, max_epochs=2000)
-    p.add_argument("--penalty", type=float, default=-5, help="reward of a wrong prediction (gamma)")
+    p.add_argument("--penalty", type=utils.finite_float, default=-5, help="reward of a wrong prediction (gamma)")
     utils.add_policy_training_flags(p)
     p.add_argument(
         "--sparse",

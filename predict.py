@@ -28,11 +28,13 @@ def get_args_parser():
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for images")
     p.add_argument("--model", type=utils.model_name, required=True, help="the checkpoint's model, e.g. R110_FMNIST")
-    p.add_argument("--load", default=None, help="BlockDrop checkpoint (none: the base ResNet with every block)")
-    p.add_argument("--data_dir", default="data/", help="dataset folder (for CIFAR-100's class names)")
+    p.add_argument(
+        "--load", type=utils.path, default=None, help="BlockDrop checkpoint (none: the base ResNet with every block)"
+    )
+    p.add_argument("--data_dir", type=utils.path, default="data/", help="dataset folder (for CIFAR-100's class names)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)")
     p.add_argument("--workers", type=utils.non_negative_int, default=2, help="DataLoader worker processes")
-    p.add_argument("--batch_size", type=utils.positive_int, default=64, help="images per forward pass")
+    p.add_argument("--batch_size", type=utils.batch_size, default=64, help="images per forward pass")
     p.add_argument("--topk", type=utils.positive_int, default=1, help="print the N most probable classes")
     p.add_argument("--json", action="store_true", help="one JSON object per image, and one for the speed at the end")
     utils.add_amp_flag(p)

@@ -18,7 +18,7 @@ from core import distributed
 def get_args_parser():
     p = utils.make_parser("Train the base ResNet that BlockDrop starts from.")
     p.add_argument("--epochs", type=utils.positive_int, default=164, help="total training epochs")
-    p.add_argument("--batch_size", type=utils.positive_int, default=128, help="batch size")
+    p.add_argument("--batch_size", type=utils.batch_size, default=128, help="batch size")
     p.add_argument("--lr", type=utils.positive_float, default=0.1, help="peak learning rate")
     p.add_argument("--momentum", type=utils.non_negative_float, default=0.9, help="SGD momentum")
     p.add_argument("--wd", type=utils.non_negative_float, default=5e-4, help="weight decay")
@@ -39,7 +39,7 @@ def get_args_parser():
     for name, what in (("mean", "means"), ("std", "standard deviations")):
         p.add_argument(
             f"--{name}",
-            type=float,
+            type=utils.finite_float,
             nargs=3,
             metavar=("R", "G", "B"),
             default=None,
@@ -47,9 +47,10 @@ def get_args_parser():
             "model (default: computed from the training images once)",
         )
     utils.add_amp_flag(p)
-    p.add_argument("--cv_dir", default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
+    p.add_argument("--cv_dir", type=utils.path, default=None, help="output folder (default: cv/pretrained/<MODEL>/)")
     p.add_argument(
         "--load",
+        type=utils.path,
         default=None,
         help="checkpoint to start from: a pk_E file of an unfinished run of this script continues that run, "
         "other files (a finished run's, a released one) give initial weights",

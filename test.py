@@ -16,8 +16,10 @@ POLICIES = ("agent", "full", "first_k", "random_k")
 
 def get_args_parser():
     p = utils.make_parser("Profile a BlockDrop checkpoint with greedy policies, or a baseline policy.")
-    p.add_argument("--load", default=None, help="BlockDrop checkpoint to profile (none: the full network)")
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
+    p.add_argument(
+        "--load", type=utils.path, default=None, help="BlockDrop checkpoint to profile (none: the full network)"
+    )
+    p.add_argument("--batch_size", type=utils.batch_size, default=256, help="batch size")
     p.add_argument(
         "--policy",
         choices=POLICIES,

@@ -32,7 +32,9 @@ STYLE = {
 
 def get_args_parser():
     p = utils.make_parser("Plot accuracy against FLOPs for BlockDrop checkpoints and baselines.")
-    p.add_argument("--load", nargs="+", required=True, help="BlockDrop checkpoints (e.g. one per --penalty)")
+    p.add_argument(
+        "--load", type=utils.path, nargs="+", required=True, help="BlockDrop checkpoints (e.g. one per --penalty)"
+    )
     p.add_argument(
         "--ks",
         type=utils.non_negative_int,
@@ -49,14 +51,18 @@ def get_args_parser():
     )
     p.add_argument(
         "--baseline_resnet",
+        type=utils.path,
         default=None,
         help="a finetuned checkpoint whose ResNet the baselines use (default: the base ResNet)",
     )
     p.add_argument(
-        "--out", default="tradeoff", help="output path, without extension: <out>.csv and <out>.png are written"
+        "--out",
+        type=utils.path,
+        default="tradeoff",
+        help="output path, without extension: <out>.csv and <out>.png are written",
     )
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
-    p.add_argument("--dpi", type=utils.positive_int, default=100, help="resolution of the PNG file")
+    p.add_argument("--batch_size", type=utils.batch_size, default=256, help="batch size")
+    p.add_argument("--dpi", type=utils.dpi, default=100, help="resolution of the PNG file")
     utils.add_amp_flag(p)
     return p
 

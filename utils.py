@@ -7,16 +7,25 @@ The original's public API keeps its place here: ``get_model``, ``get_dataset``, 
 
 # Bad input: one line on stderr and exit code 2; argument types of the flags.
 from core.cli import (
+    MAX_BATCH,
+    MAX_COUNT,
+    SEED_MAX,
     ArgumentParser,
     UserError,
+    batch_size,
+    bounded_int,
+    dpi,
     drop_probability,
+    finite_float,
     fraction,
     non_negative_float,
     non_negative_int,
+    path,
     positive_float,
     positive_int,
     probability,
     run,
+    seed,
 )
 
 # Checkpoint files: safe reading, atomic writing, weights into the flat networks.
@@ -113,8 +122,9 @@ from core.inference import BlockDrop, class_names, image_transform, load_blockdr
 
 __all__ = [
     # core.cli
-    "ArgumentParser", "UserError", "drop_probability", "fraction", "non_negative_float", "non_negative_int",
-    "positive_float", "positive_int", "probability", "run",
+    "MAX_BATCH", "MAX_COUNT", "SEED_MAX", "ArgumentParser", "UserError", "batch_size", "bounded_int", "dpi",
+    "drop_probability", "finite_float", "fraction", "non_negative_float", "non_negative_int", "path", "positive_float",
+    "positive_int", "probability", "run", "seed",
     # core.checkpoints
     "checkpoint_path", "load_agent", "load_agent_state", "load_checkpoint", "load_file", "load_weights_to_flatresnet",
     "save_checkpoint", "strip_prefix",

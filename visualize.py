@@ -28,15 +28,17 @@ MAX_CLASSES = 40  # rows of easy_hard.png that still make a readable figure
 
 def get_args_parser():
     p = utils.make_parser("Draw the policies of a BlockDrop checkpoint on the test set.")
-    p.add_argument("--load", required=True, help="BlockDrop checkpoint (agent, and the ResNet if it has one)")
-    p.add_argument("--out", default="figures/", help="folder for the PNG files")
-    p.add_argument("--batch_size", type=utils.positive_int, default=256, help="batch size")
+    p.add_argument(
+        "--load", type=utils.path, required=True, help="BlockDrop checkpoint (agent, and the ResNet if it has one)"
+    )
+    p.add_argument("--out", type=utils.path, default="figures/", help="folder for the PNG files")
+    p.add_argument("--batch_size", type=utils.batch_size, default=256, help="batch size")
     p.add_argument("--top", type=utils.positive_int, default=6, help="most frequent policies to draw")
     p.add_argument("--samples", type=utils.positive_int, default=8, help="sample images per policy or per side")
     p.add_argument(
         "--classes", type=utils.positive_int, default=10, help="at most this many classes in the per-class figures"
     )
-    p.add_argument("--dpi", type=utils.positive_int, default=100, help="resolution of the PNG files")
+    p.add_argument("--dpi", type=utils.dpi, default=100, help="resolution of the PNG files")
     return p
 
 

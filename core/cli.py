@@ -4,6 +4,7 @@ Bad input is a ``UserError``: ``run`` prints it as one line on stderr and exits 
 """
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -41,13 +42,34 @@ def _typed(check: Callable[[float], bool], cast, what: str):
     return parse
 
 
-positive_int = _typed(lambda v: v > 0, int, "a positive integer")
-non_negative_int = _typed(lambda v: v >= 0, int, "a non-negative integer")
-positive_float = _typed(lambda v: v > 0, float, "a positive number")
-non_negative_float = _typed(lambda v: v >= 0, float, "a non-negative number")
+def bounded_int(low: int, high: int):
+    """argparse type: an integer in [low, high]."""
+    return _typed(lambda v: low <= v <= high, int, f"an integer in [{low:,}, {high:,}]")
+
+
+def float_in(low: float, high: float):
+    """argparse type: a number in (low, high]."""
+    return _typed(lambda v: low < v <= high, float, f"a number in ({low:g}, {high:g}]")
+
+
+# Sizes are bounded where a larger one cannot fit in memory: a batch of more than 65,536 images,
+# 100 million epochs or images, figures of more than 1,200 dots per inch.
+MAX_BATCH = 65_536
+MAX_COUNT = 100_000_000
+SEED_MAX = 2**32 - 1  # NumPy's seeds
+
+positive_int = bounded_int(1, MAX_COUNT)
+non_negative_int = bounded_int(0, MAX_COUNT)
+batch_size = bounded_int(1, MAX_BATCH)
+seed = bounded_int(0, SEED_MAX)
+dpi = bounded_int(10, 1200)
+positive_float = _typed(lambda v: math.isfinite(v) and v > 0, float, "a positive finite number")
+non_negative_float = _typed(lambda v: math.isfinite(v) and v >= 0, float, "a finite number >= 0")
+finite_float = _typed(math.isfinite, float, "a finite number")
 probability = _typed(lambda v: 0.5 < v <= 1, float, "a number in (0.5, 1]")
 drop_probability = _typed(lambda v: 0 <= v < 1, float, "a number in [0, 1)")
 fraction = _typed(lambda v: 0 <= v <= 1, float, "a number in [0, 1]")
+path = _typed(lambda v: v.strip() != "", str, "a non-empty path")
 
 
 def run(

@@ -10,7 +10,17 @@ import torch
 from torch import nn
 
 from core import distributed
-from core.cli import ArgumentParser, UserError, non_negative_int, positive_float, positive_int, probability
+from core.cli import (
+    ArgumentParser,
+    UserError,
+    batch_size,
+    non_negative_int,
+    path,
+    positive_float,
+    positive_int,
+    probability,
+    seed,
+)
 from core.models import model_spec
 
 
@@ -32,11 +42,14 @@ def common_parser() -> argparse.ArgumentParser:
         help="R<depth>_<C10|C100|FMNIST|ImgNet|Folder> (Folder: your own train/ and val/ class folders)",
     )
     p.add_argument(
-        "--data_dir", default="data/", help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)"
+        "--data_dir",
+        type=path,
+        default="data/",
+        help="dataset folder (CIFAR downloads here; ImageNet needs train/ and val/)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda when available)")
     p.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed, default=0, help="random seed")
     p.add_argument(
         "--dummy", type=non_negative_int, default=0, help="use N random images instead of a dataset (0: off)"
     )
@@ -63,8 +76,8 @@ def add_amp_flag(p: argparse.ArgumentParser) -> None:
 
 def add_schedule_flags(p: argparse.ArgumentParser, epoch_step: int, max_epochs: int) -> None:
     """Output folder, batch size and the epochs and learning-rate steps of cl_training.py and finetune.py."""
-    p.add_argument("--cv_dir", default="cv/tmp/", help="folder for checkpoints and logs")
-    p.add_argument("--batch_size", type=positive_int, default=256, help="batch size")
+    p.add_argument("--cv_dir", type=path, default="cv/tmp/", help="folder for checkpoints and logs")
+    p.add_argument("--batch_size", type=batch_size, default=256, help="batch size")
     p.add_argument("--epoch_step", type=positive_int, default=epoch_step, help="epochs between learning-rate decays")
     p.add_argument(
         "--max_epochs", type=non_negative_int, default=max_epochs, help="epochs to run (after the start epoch)"
