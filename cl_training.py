@@ -66,7 +66,9 @@ def train_epoch(args, rnet, agent, loader, optimizer, rt, decided, epoch=0):
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,) self-critical baseline
 
-        loss = -distr.log_prob(policy) * advantage[:, None] * mask  # (B, K)
+        log_prob = distr.log_prob(policy)
+        utils.check_finite(log_prob, "log-probability of the sampled policies", utils.SATURATED)
+        loss = -log_prob * advantage[:, None] * mask  # (B, K)
         # One-sided entropy term of the original (not the full Bernoulli entropy).
         bounded = distr.probs.clamp(1e-15, 1 - 1e-15)
         entropy = (-bounded * torch.log(bounded)).sum()

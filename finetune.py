@@ -60,13 +60,16 @@ def train_epoch(args, rnet, agent, loader, optimizer, rt, epoch=0):
             with torch.no_grad():  # the greedy run is only the baseline of the advantage
                 preds_map = rnet(inputs, policy_map, masked=masked)
             preds_sample = rnet(inputs, policy, masked=masked).float()
+        utils.check_finite(preds_sample, "ResNet's output", utils.DIVERGED)
         reward_map, _ = utils.get_reward(preds_map, targets, policy_map, args.penalty)
         reward_sample, match = utils.get_reward(preds_sample, targets, policy, args.penalty)
         advantage = reward_sample - reward_map  # (B,)
 
         # As the original: the policy term is summed over the batch, the cross-entropy averaged.
         # DDP averages the processes' gradients, hence the factors.
-        loss = (-distr.log_prob(policy).sum(1) * advantage).sum() * processes
+        log_prob = distr.log_prob(policy).sum(1)
+        utils.check_finite(log_prob, "log-probability of the sampled policies", utils.SATURATED)
+        loss = (-log_prob * advantage).sum() * processes
         loss = loss + F.cross_entropy(preds_sample, targets, reduction="sum") * processes / batch_size
         utils.check_finite(loss, "loss")
 

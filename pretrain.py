@@ -142,6 +142,7 @@ def main(args):
             with rt.autocast():
                 logits = trained(inputs, keep.float())
             logits = logits.float()
+            utils.check_finite(logits, "ResNet's output", utils.DIVERGED)
             # The batch mean: DDP averages the processes' gradients, hence the factor.
             loss_total = F.cross_entropy(logits, targets, reduction="sum")
             loss = loss_total * distributed.world_size() / batch_size

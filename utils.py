@@ -95,6 +95,8 @@ from core.runtime import (
 
 # The REINFORCE core: policies, reward, curriculum, statistics, evaluation.
 from core.reinforce import (
+    DIVERGED,
+    SATURATED,
     EpochPolicies,
     Stats,
     baseline_policy,
@@ -143,7 +145,7 @@ __all__ = [
     "Runtime", "add_amp_flag", "add_policy_training_flags", "add_run_flags", "add_schedule_flags", "check_finite",
     "check_finite_weights", "get_device", "make_parser", "model_name", "runtime", "set_seed", "setup_run",
     # core.reinforce
-    "EpochPolicies", "Stats", "baseline_policy", "curriculum_blocks", "curriculum_mask", "evaluate", "get_reward",
+    "DIVERGED", "SATURATED", "EpochPolicies", "Stats", "baseline_policy", "curriculum_blocks", "curriculum_mask", "evaluate", "get_reward",
     "greedy_policy", "performance_stats", "sample_policy", "sampled_batches",
     # core.flops
     "Profile", "block_flops", "count_flops", "policy_flops", "profile",

@@ -11,6 +11,9 @@ from core.loading import epoch_generator, global_batches, progress
 from core.runtime import Runtime, check_finite
 from models.resnet import Policy
 
+DIVERGED = "its weights diverged: try a lower --lr"
+SATURATED = "a keep probability reached 0 or 1: with --alpha 1 nothing bounds them"
+
 
 def sample_policy(probs: torch.Tensor, alpha: float, generator: torch.Generator | None = None, rows: int = 0):
     """Greedy policy, bounded Bernoulli distribution and a policy sampled from it.
@@ -44,7 +47,7 @@ def sampled_batches(agent, loader, rt: Runtime, alpha: float, seed: int, epoch: 
         inputs, targets = inputs.to(rt.device, non_blocking=True), targets.to(rt.device, non_blocking=True)
         with rt.autocast():
             probs, _ = agent(inputs)  # (B, K)
-        check_finite(probs, "policy network's output")
+        check_finite(probs, "policy network's output", DIVERGED)
         policy_map, policy, distr = sample_policy(probs.float(), alpha, generator, batch_size)
         yield inputs, targets, index, batch_size, policy_map, policy, distr
 

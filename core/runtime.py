@@ -159,15 +159,16 @@ def setup_run(args) -> Runtime:
     return rt
 
 
-def check_finite(value: torch.Tensor, what: str) -> None:
+def check_finite(value: torch.Tensor, what: str, why: str = "") -> None:
     """Stop the run (a UserError) when ``value`` holds a NaN or an infinity; nothing is saved after it.
 
-    Under ``--parallel`` every process stops when any of them sees one (a collective).
+    ``what`` names the quantity, ``why`` what makes it so. Under ``--parallel`` every process stops
+    when any of them sees one (a collective).
     """
     if distributed.any_process(not bool(torch.isfinite(value).all()), value.device):
         raise UserError(
-            f"the {what} became NaN or infinite: stopped before saving anything more, "
-            f"so the checkpoints already written are the last good ones (try a lower --lr)"
+            f"the {what} became NaN or infinite{f' ({why})' if why else ''}: stopped before saving anything "
+            f"more, so the checkpoints already written are the last good ones"
         )
 
 

@@ -129,7 +129,10 @@ def test_a_nan_stops_the_run_and_leaves_the_checkpoints_untouched(curriculum, wo
     result = run("cl_training.py", *FAKE, *args, cwd=workdir)
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "became NaN or infinite: stopped before saving anything more" in errors[0]
+    assert len(errors) == 1 and "became NaN or infinite" in errors[0], errors
+    # it names the quantity that went non-finite, and why: the step of lr 1e30 made the agent's weights diverge
+    assert "the policy network's output became NaN or infinite (its weights diverged: try a lower --lr)" in errors[0]
+    assert "stopped before saving anything more" in errors[0]
     assert "Traceback" not in result.stderr
     after = {f: (workdir / "cv/cl_nan" / f).read_bytes() for f in checkpoints(workdir / "cv/cl_nan")}
     assert after == before
