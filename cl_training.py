@@ -115,7 +115,7 @@ def main(args):
     agent = distributed.prepare(agent).to(rt.device)
     optimizer = torch.optim.Adam([p for p in agent.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.wd)
     if run.resumed:
-        optimizer.load_state_dict(run.resumed["optimizer"])
+        utils.restore(optimizer, run.resumed["optimizer"], run.resume_path, "optimizer")
     trained = distributed.wrap(agent, rt.device)
 
     first_epoch = run.first_epoch(ckpt.get("epoch", -1) + 1)  # after --load's epoch, as the original

@@ -105,7 +105,7 @@ def main(args):
     if args.load is not None and not resume and "resnet" not in ckpt:
         raise utils.UserError(f"{args.load} has no 'resnet': to start from a curriculum checkpoint, use --pretrained")
     if args.pretrained is not None and args.load is None and not resume:
-        utils.load_agent(agent, args.pretrained, rnet.num_blocks)
+        utils.load_agent(agent, args.pretrained, rnet.num_blocks, args.model)
     if resume:
         utils.load_agent_state(agent, resume, args.cv_dir, rnet.num_blocks)
         utils.load_weights_to_flatresnet(resume["resnet"], rnet)
@@ -118,7 +118,7 @@ def main(args):
     params = [p for p in list(agent.parameters()) + list(rnet.parameters()) if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        utils.restore(optimizer, resume["optimizer"], run.resume_path, "optimizer")
     trained_rnet, trained_agent = distributed.wrap(rnet, rt.device), distributed.wrap(agent, rt.device)
 
     first_epoch = run.first_epoch(ckpt.get("epoch", -1) + 1)  # after --load's epoch, as the original

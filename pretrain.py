@@ -107,7 +107,8 @@ def main(args):
     folder = utils.folder_data(args, ckpt, new=True)
     rnet, _ = utils.build_model(args.model, folder and len(folder.classes))
     if ckpt:
-        utils.load_weights_to_flatresnet(ckpt, rnet)
+        utils.check_model(ckpt, args.load, args.model)  # a file of another model, even of the same shapes
+        utils.load_weights_to_flatresnet(ckpt, rnet, name=args.load or "last.t7")
     with distributed.node_main_first():  # downloads once per node
         trainset, testset = utils.get_data(args, folder)
     trainloader = utils.make_loader(trainset, args.batch_size, True, args.workers, device, args.seed)
@@ -121,8 +122,9 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, steps_per_epoch))
     first_epoch = 1
     if "optimizer" in ckpt:  # last.t7 or a pk_E file: continue; other files only give initial weights
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        source = run.resume_path if run.resumed else args.load
+        utils.restore(optimizer, ckpt["optimizer"], source, "optimizer")
+        utils.restore(scheduler, ckpt.get("scheduler"), source, "learning-rate schedule")
         first_epoch = int(ckpt["epoch"]) + 1
     trained = distributed.wrap(rnet, device)
 

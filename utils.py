@@ -30,14 +30,18 @@ from core.cli import (
 
 # Checkpoint files: safe reading, atomic writing, weights into the flat networks.
 from core.checkpoints import (
+    check_model,
     checkpoint_path,
+    epoch_number,
     load_agent,
     load_agent_state,
     load_checkpoint,
     load_file,
     load_weights_to_flatresnet,
+    number,
     save_checkpoint,
     strip_prefix,
+    weights,
 )
 
 # The model table, base weights and the networks of a run.
@@ -114,7 +118,7 @@ from core.reinforce import (
 from core.flops import Profile, block_flops, count_flops, policy_flops, profile
 
 # Resuming a run: last.t7, the flags that fix its numbers, the random states.
-from core.resume import rng_state, set_rng_state, state_digest
+from core.resume import restore, rng_state, set_rng_state, state_digest
 
 # A training run: its epochs, run log, reports and checkpoints; learning-rate steps.
 from core.training import TrainingRun, adjust_learning_rate, stats_line
@@ -128,8 +132,8 @@ __all__ = [
     "drop_probability", "finite_float", "fraction", "non_negative_float", "non_negative_int", "path", "positive_float",
     "positive_int", "probability", "run", "seed",
     # core.checkpoints
-    "checkpoint_path", "load_agent", "load_agent_state", "load_checkpoint", "load_file", "load_weights_to_flatresnet",
-    "save_checkpoint", "strip_prefix",
+    "check_model", "checkpoint_path", "epoch_number", "load_agent", "load_agent_state", "load_checkpoint", "load_file",
+    "load_weights_to_flatresnet", "number", "save_checkpoint", "strip_prefix", "weights",
     # core.models
     "ARCHITECTURES", "DATASETS", "MODELS", "PRETRAINED_DIR", "RELEASED_BASE_FILES", "DatasetSpec", "ModelSpec",
     "build_model", "find_pretrained", "get_model", "load_pretrained_agent", "load_pretrained_rnet", "model_spec", "models_for_run",
@@ -150,7 +154,7 @@ __all__ = [
     # core.flops
     "Profile", "block_flops", "count_flops", "policy_flops", "profile",
     # core.resume
-    "rng_state", "set_rng_state", "state_digest",
+    "restore", "rng_state", "set_rng_state", "state_digest",
     # core.training
     "TrainingRun", "adjust_learning_rate", "stats_line",
     # core.inference

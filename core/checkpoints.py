@@ -1,6 +1,7 @@
 """Checkpoint files: safe reading (the released Python 2 files too), atomic writing, weight loading."""
 
 import argparse
+import math
 import os
 import re
 import warnings
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.cli import UserError
+from core.cli import MAX_COUNT, UserError
 from models.resnet import FlatResNet, Policy
 
 
@@ -94,15 +95,18 @@ def _describe(state: dict) -> str:
     return f"blocks {layers}, {classes} classes"
 
 
-def load_weights_to_flatresnet(source_model, target_model: FlatResNet, strict: bool = True) -> FlatResNet:
+def load_weights_to_flatresnet(source_model, target_model: FlatResNet, strict: bool = True, name=None) -> FlatResNet:
     """Copy weights into a flat ResNet from a module, a ``{'state_dict': ...}`` file or a state dict.
 
     Accepts the flat naming and the ``layer<N>`` naming, with or without a ``module.`` prefix.
     With ``strict=False`` keys the target lacks are ignored (ResNet-18 into the policy network).
+    ``name`` names the source in errors (its path).
     """
     source = source_model.state_dict() if isinstance(source_model, nn.Module) else source_model
-    if "state_dict" in source and isinstance(source["state_dict"], dict):
-        source = source["state_dict"]
+    if "state_dict" in source:
+        source = weights(source["state_dict"], name or "the checkpoint", "state_dict")
+    elif not all(torch.is_tensor(v) for v in source.values()):
+        raise UserError(f"{name or 'the checkpoint'} holds no 'state_dict' and is not a state dict of tensors")
     state = {_translate_key(k): v for k, v in strip_prefix(source).items()}
     own = target_model.state_dict()
     if not strict:
@@ -120,15 +124,47 @@ def load_weights_to_flatresnet(source_model, target_model: FlatResNet, strict: b
     return target_model
 
 
-def _as_float(value) -> float:
-    return float(value.item() if torch.is_tensor(value) else value)
+def weights(state, path, key: str) -> dict:
+    """``state`` checked as a state dict: names to tensors, the floating ones finite."""
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"{path}: its {key!r} is not a state dict (names to tensors)")
+    for name, value in state.items():
+        if not torch.is_tensor(value):
+            raise UserError(f"{path}: its {key!r} holds {type(value).__name__} at {name!r}, not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"refused {path}: its {key!r} holds NaN or infinite values ({name})")
+    return state
+
+
+def number(value, path, key: str) -> float:
+    """A finite number from a checkpoint (a plain number or a one-element tensor, as the legacy files hold)."""
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{path}: its {key!r} is {value!r}, not a finite number")
+    return float(value)
+
+
+def epoch_number(value, path, key: str = "epoch") -> int:
+    """A checkpoint's epoch: a whole number in [0, MAX_COUNT]."""
+    epoch = number(value, path, key)
+    if epoch != int(epoch) or not 0 <= epoch <= MAX_COUNT:
+        raise UserError(f"{path}: its {key!r} is {value!r}, not a whole number in [0, {MAX_COUNT:,}]")
+    return int(epoch)
+
+
+def check_model(ckpt: dict, path, model: str | None) -> None:
+    """Refuse a checkpoint that records another model (files without the name are accepted)."""
+    recorded = ckpt.get("model")
+    if model is not None and recorded is not None and recorded != model:
+        raise UserError(f"{path} is a checkpoint of {recorded}, not of {model}")
 
 
 def load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
     agent_state = ckpt.get("agent", ckpt.get("net"))
-    if not isinstance(agent_state, dict):
+    if agent_state is None:
         raise UserError(f"{path} is not a BlockDrop checkpoint: it has no 'agent' (keys: {', '.join(map(str, ckpt))})")
-    agent_state = strip_prefix(agent_state)
+    agent_state = strip_prefix(weights(agent_state, path, "agent" if "agent" in ckpt else "net"))
     logit = agent_state.get("logit.weight")
     if logit is None:
         raise UserError(f"{path}: its agent has no 'logit.weight'; it is not a BlockDrop policy network")
@@ -140,30 +176,34 @@ def load_agent_state(agent: Policy, ckpt: dict, path, num_blocks: int) -> None:
         raise UserError(f"{path}: its agent does not fit this model ({str(e).strip().splitlines()[0]})") from None
 
 
-def load_agent(agent: Policy, path: str | os.PathLike, num_blocks: int) -> dict:
+def load_agent(agent: Policy, path: str | os.PathLike, num_blocks: int, model: str | None = None) -> dict:
     """Load only the policy network of a BlockDrop checkpoint (``agent``, or legacy ``net``).
 
-    Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers.
+    Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers. Contents of
+    the wrong type, NaN weights, and (given ``model``) a checkpoint of another model are UserErrors.
     """
     ckpt = load_file(path)
+    check_model(ckpt, path, model)
     load_agent_state(agent, ckpt, path, num_blocks)
+    if "resnet" in ckpt:  # checked even where only the agent is used
+        weights(ckpt["resnet"], path, "resnet")
     if "epoch" in ckpt:
-        ckpt["epoch"] = int(_as_float(ckpt["epoch"]))
+        ckpt["epoch"] = epoch_number(ckpt["epoch"], path)
     for key in ("reward", "acc"):
         if key in ckpt:
-            ckpt[key] = _as_float(ckpt[key])
+            ckpt[key] = number(ckpt[key], path, key)
     return ckpt
 
 
-def load_checkpoint(rnet: FlatResNet, agent: Policy, load: str | os.PathLike) -> dict | None:
+def load_checkpoint(rnet: FlatResNet, agent: Policy, load: str | os.PathLike, model: str | None = None) -> dict | None:
     """Load a BlockDrop checkpoint (``agent`` or legacy ``net``, optional ``resnet``) into the models.
 
     Returns the file's dict with ``epoch``, ``reward`` and ``acc`` as plain numbers; ``'nil'``
-    loads nothing and returns None, as in the original.
+    loads nothing and returns None, as in the original. ``model``: refuse another model's file.
     """
     if load == "nil":
         return None
-    ckpt = load_agent(agent, load, rnet.num_blocks)
+    ckpt = load_agent(agent, load, rnet.num_blocks, model)
     if "resnet" in ckpt:
         try:
             load_weights_to_flatresnet(ckpt["resnet"], rnet)

@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from core import distributed
-from core.checkpoints import load_agent, load_checkpoint, load_file, load_weights_to_flatresnet
+from core.checkpoints import check_model, load_agent, load_checkpoint, load_file, load_weights_to_flatresnet
 from core.cli import UserError
 from models.base import BasicBlock, Bottleneck
 from models.resnet import FlatResNet, FlatResNet32, FlatResNet224, Policy, Policy32, Policy224
@@ -182,7 +182,9 @@ def load_pretrained_rnet(rnet: FlatResNet, model: str, root: Path = PRETRAINED_D
     spec = model_spec(model)
     path = find_pretrained(model, root)
     if path is not None:
-        load_weights_to_flatresnet(load_file(path), rnet)
+        ckpt = load_file(path)
+        check_model(ckpt, path, spec.name)
+        load_weights_to_flatresnet(ckpt, rnet, name=path)
         return str(path)
     if spec.torchvision_arch:
         load_weights_to_flatresnet(_torchvision_weights(spec.torchvision_arch), rnet)
@@ -228,9 +230,9 @@ def models_for_run(
     if not load or load == "nil":  # 'nil': the original's name for no checkpoint
         ckpt = {}
     elif load_resnet:
-        ckpt = load_checkpoint(rnet, agent, load)
+        ckpt = load_checkpoint(rnet, agent, load, model)
     else:
-        ckpt = load_agent(agent, load, rnet.num_blocks)
+        ckpt = load_agent(agent, load, rnet.num_blocks, model)
 
     def pretrained(what: str, fn: Callable[[], object]) -> None:
         try:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from core import distributed
-from core.checkpoints import load_file, save_checkpoint
+from core.checkpoints import epoch_number, load_file, save_checkpoint, weights
 from core.cli import UserError
 
 
@@ -99,6 +99,40 @@ def state_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def check_resume_contents(state: dict, path) -> None:
+    """The parts of a ``last.t7`` that resuming uses, checked before any of it is used."""
+
+    def bad(what: str):
+        return UserError(f"cannot resume {path}: its {what} (a damaged or foreign last.t7; start a new run)")
+
+    if not isinstance(state["args"], dict):
+        raise bad("'args' are not the run's flags")
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= set(optimizer):
+        raise bad("'optimizer' is not an optimizer's state")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= set(rng):
+        raise bad("'rng' is not the random states")
+    current = rng_state()
+    try:
+        set_rng_state(rng)  # a trial: every part must restore
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError):
+        raise bad("'rng' is not the random states") from None
+    finally:
+        set_rng_state(current)
+    for key in ("agent", "resnet", "state_dict"):
+        if key in state:
+            weights(state[key], path, key)
+
+
+def restore(target, state, path, what: str) -> None:
+    """``target.load_state_dict(state)`` (an optimizer, a schedule): a state that does not fit is one line."""
+    try:
+        target.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise UserError(f"cannot continue from {path}: its {what} does not fit this run ({type(e).__name__})") from None
+
+
 def load_resume(args, cv_dir: str | os.PathLike) -> dict | None:
     """``<cv_dir>/last.t7`` for ``--resume`` (None: nothing to resume, a new run starts)."""
     if not args.resume:
@@ -115,8 +149,11 @@ def load_resume(args, cv_dir: str | os.PathLike) -> dict | None:
     missing = [k for k in ("epoch", "optimizer", "args", "rng") if k not in state]
     if missing:
         raise UserError(f"cannot resume {path}: it has no {', '.join(missing)} (not a resumable checkpoint)")
+    check_resume_contents(state, path)
     check_resume_args(state["args"], args, path)
-    state["epoch"] = int(state["epoch"])
+    state["epoch"] = epoch_number(state["epoch"], path)
+    if "first_epoch" in state:
+        state["first_epoch"] = epoch_number(state["first_epoch"], path, "first_epoch")
     if distributed.is_main():
         print(f"resuming {path}: epoch {state['epoch']} done", flush=True)
     return state

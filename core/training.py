@@ -16,7 +16,7 @@ from core import distributed
 from core.checkpoints import checkpoint_path, save_checkpoint
 from core.cli import UserError
 from core.reinforce import Stats, performance_stats
-from core.resume import load_resume, save_resume, set_rng_state
+from core.resume import RESUME_FILE, load_resume, save_resume, set_rng_state
 
 
 class TrainingRun:
@@ -35,9 +35,11 @@ class TrainingRun:
         self.cv_dir = Path(cv_dir)
         self.is_main = distributed.is_main()
         self.resumed = load_resume(args, cv_dir)  # last.t7's dict; None for a new run
+        self.resume_path = self.cv_dir / RESUME_FILE
         self._first = self.last_epoch = 0
         self.writer = None
-        self.extra: dict = {}  # entries that every checkpoint of the run carries (image folders' data)
+        # entries that every checkpoint of the run carries: the model's name, image folders' data
+        self.extra: dict = {"model": args.model}
 
     def first_epoch(self, new_run: int) -> int:
         """The run's first epoch: ``new_run`` for a new run, the resumed run's own otherwise."""
@@ -56,7 +58,7 @@ class TrainingRun:
             write_run_info(self.cv_dir, self.args, resumed_at)
             self.writer = SummaryWriter(str(self.cv_dir / "log"), purge_step=resumed_at)
         if self.resumed:
-            set_rng_state(self.resumed["rng"])  # as it was when the interrupted run saved it
+            set_rng_state(self.resumed["rng"])  # as it was when the interrupted run saved it (checked on loading)
         return range(start, last_epoch + 1)
 
     def report(self, split: str, stats: Stats, policies: torch.Tensor, epoch: int) -> None:

@@ -2,8 +2,11 @@
 it allows, exit code 2, nothing written."""
 
 import importlib
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPTS = [
     "pretrain", "cl_training", "finetune", "test", "visualize", "tradeoff", "benchmark", "predict",
@@ -61,3 +64,145 @@ def test_a_bad_flag_value_is_one_line_naming_it(script, flag, value, tmp_path, m
     assert out == "" and len(err.splitlines()) == 1, err
     assert err.startswith(f"{parser.prog}: error: argument {flag}") and "must be" in err, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# Checkpoint contents: each mutation of a valid finetuning checkpoint, loaded by test.py and as
+# cl_training.py's --load; one line, exit 2, nothing written.
+def _mutations():
+    nan = float("nan")
+    return {
+        "agent is an int": lambda c: c.update(agent=3),
+        "resnet is an int": lambda c: c.update(resnet=3),
+        "a weight is a string": lambda c: c["agent"].update({"logit.bias": "x"}),
+        "NaN weights": lambda c: c["resnet"]["fc.weight"].fill_(nan),
+        "infinite agent weights": lambda c: c["agent"]["logit.weight"].fill_(float("inf")),
+        "epoch is a string": lambda c: c.update(epoch="3"),
+        "epoch is NaN": lambda c: c.update(epoch=nan),
+        "epoch is 10**30": lambda c: c.update(epoch=10**30),
+        "epoch is negative": lambda c: c.update(epoch=-5),
+        "epoch is fractional": lambda c: c.update(epoch=2.5),
+        "acc is a string": lambda c: c.update(acc="high"),
+        "reward is infinite": lambda c: c.update(reward=float("inf")),
+        "another model": lambda c: c.update(model="R20_C100"),
+    }
+
+
+MUTATIONS = _mutations()
+
+
+def finetuned(model="R20_C10", **extra):
+    import torch
+
+    import utils
+
+    torch.manual_seed(0)
+    rnet, agent = utils.build_model(model)
+    return {"agent": agent.state_dict(), "resnet": rnet.state_dict(), "epoch": 3, "reward": 0.5, "acc": 0.1, **extra}
+
+
+def run_main(script, argv, capsys):
+    import utils
+
+    module = importlib.import_module(script)
+    try:
+        utils.run(module.main, module.get_args_parser(), [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, *capsys.readouterr()
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("script", ["test", "cl_training"])
+def test_bad_checkpoint_contents_are_one_line(script, mutation, tmp_path, monkeypatch, capsys):
+    import torch
+
+    ckpt = finetuned(model="R20_C10")
+    MUTATIONS[mutation](ckpt)
+    path = tmp_path / "in" / "ckpt.t7"
+    path.parent.mkdir()
+    torch.save(ckpt, path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "R20_C10", "--dummy", 8, "--workers", 0, "--load", path]
+    code, out, err = run_main(
+        script, argv + (["--cv_dir", "cv/x", "--max_epochs", 0] if script != "test" else []), capsys
+    )
+    assert code == 2 and len(err.splitlines()) == 1, (out, err)
+    assert str(path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # nothing written
+
+
+def test_a_checkpoint_that_names_its_model_is_accepted_for_it(tmp_path, monkeypatch, capsys):
+    import torch
+
+    torch.save(finetuned(model="R20_C10", model_name_unused=1) | {"model": "R20_C10"}, tmp_path / "c.t7")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main("test", ["--model", "R20_C10", "--dummy", 8, "--workers", 0, "--load", "c.t7"], capsys)
+    assert code == 0 and out.startswith("Accuracy: "), err
+
+
+def test_pretrain_refuses_another_model_s_base_file(tmp_path, monkeypatch, capsys):
+    import utils
+
+    rnet, _ = utils.build_model("R20_C10")
+    utils.save_checkpoint(
+        {"state_dict": rnet.state_dict(), "epoch": 2, "acc": 0.1, "model": "R20_C10"}, tmp_path / "pk.t7"
+    )
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", "R20_FMNIST", "--dummy", 8, "--workers", 0, "--load", "pk.t7", "--epochs", 3]
+    code, _, err = run_main("pretrain", argv, capsys)
+    assert code == 2 and err.strip().endswith(": error: pk.t7 is a checkpoint of R20_C10, not of R20_FMNIST")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pk.t7"]
+
+
+LAST_T7_DAMAGE = {
+    "args is a string": lambda s: s.update(args="--lr 1"),
+    "rng is empty": lambda s: s.update(rng={}),
+    "rng is damaged": lambda s: s["rng"].update(python=(3, (1, 2), None)),
+    "optimizer is empty": lambda s: s.update(optimizer={}),
+    "optimizer of another network": lambda s: s["optimizer"].update(param_groups=[]),
+    "epoch is a string": lambda s: s.update(epoch="one"),
+    "first_epoch is negative": lambda s: s.update(first_epoch=-1),
+    "NaN weights": lambda s: s["agent"]["logit.weight"].fill_(float("nan")),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch finetuning run on fake data: its folder, to be damaged by each test."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("run")
+    ckpt = work / "cl.t7"
+    import torch
+
+    state = finetuned()
+    del state["resnet"]
+    torch.save(state, ckpt)
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", "R20_C10", "--dummy", "8", "--workers", "0",
+           "--batch_size", "4", "--max_epochs", "0", "--cv_dir", "ft", "--pretrained", str(ckpt)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return work
+
+
+@pytest.mark.parametrize("damage", LAST_T7_DAMAGE)
+def test_a_damaged_last_t7_is_one_line(damage, finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import torch
+
+    work = tmp_path / "w"
+    shutil.copytree(finished_run, work)
+    state = torch.load(work / "ft" / "last.t7", weights_only=True)
+    LAST_T7_DAMAGE[damage](state)
+    torch.save(state, work / "ft" / "last.t7")
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    monkeypatch.chdir(work)
+    argv = ["--model", "R20_C10", "--dummy", 8, "--workers", 0, "--batch_size", 4, "--max_epochs", 1, "--cv_dir", "ft",
+            "--pretrained", "cl.t7", "--resume"]  # fmt: skip
+    code, out, err = run_main("finetune", argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, (out, err)
+    assert "last.t7" in err
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written

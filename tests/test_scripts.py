@@ -91,7 +91,7 @@ def test_cl_training(curriculum, workdir):
     saved = checkpoints(workdir / "cv/cl")
     assert [int(re.match(CKPT, f).group(1)) for f in saved] == [0, 2]  # every 10th epoch and the last
     ckpt = torch.load(workdir / "cv/cl" / saved[-1], weights_only=True)
-    assert set(ckpt) == {"agent", "epoch", "reward", "acc"} and ckpt["epoch"] == 2
+    assert set(ckpt) == {"agent", "epoch", "reward", "acc", "model"} and ckpt["epoch"] == 2
     assert isinstance(ckpt["acc"], float) and isinstance(ckpt["reward"], float)
     assert os.listdir(workdir / "cv/cl/log") and (workdir / "cv/cl/args.json").exists()
 
@@ -173,7 +173,7 @@ def test_finetune(finetuned, workdir):
     assert sum(bool(re.fullmatch(rf"TS - {STATS}", line)) for line in lines) == 2
     saved = checkpoints(workdir / "cv/ft")
     ckpt = torch.load(workdir / "cv/ft" / saved[-1], weights_only=True)
-    assert set(ckpt) == {"agent", "resnet", "epoch", "reward", "acc"} and ckpt["epoch"] == 1
+    assert set(ckpt) == {"agent", "resnet", "epoch", "reward", "acc", "model"} and ckpt["epoch"] == 1
     assert "blocks.2.2.conv2.weight" in ckpt["resnet"]
     # The ResNet was trained: its weights differ from the pretrained ones.
     base = torch.load(next((workdir / "cv/pretrained/R20_C10").glob("pk_*.t7")), weights_only=True)
@@ -260,7 +260,7 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
     other = f"cv/cl/{checkpoints(workdir / 'cv/cl')[-1]}"
     assert_one_line_error(
         run("cl_training.py", "--model", "R32_C10", "--dummy", 16, "--cv_dir", out, "--load", other, cwd=workdir),
-        "holds a policy for 9 blocks; this model has 15 blocks",
+        "is a checkpoint of R20_C10, not of R32_C10",
     )
     assert_one_line_error(run("finetune.py", *common, "--pretrained", "cv/none.t7", cwd=workdir), "does not exist")
     assert_one_line_error(
@@ -279,9 +279,12 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
         "cannot create the output folder a_file/run",
     )
     assert_one_line_error(
-        run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir), "positive integer"
+        run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir),
+        "must be an integer in [1, 65,536]",
     )
-    assert_one_line_error(run("pretrain.py", "--model", "R20_C10", "--epochs", -2, cwd=workdir), "positive integer")
+    assert_one_line_error(
+        run("pretrain.py", "--model", "R20_C10", "--epochs", -2, cwd=workdir), "must be an integer in [1, 100,000,000]"
+    )
     (workdir / "garbage.t7").write_bytes(b"not a checkpoint")
     assert_one_line_error(
         run("test.py", "--model", "R20_C10", "--dummy", 4, "--load", "garbage.t7", cwd=workdir), "corrupt"

@@ -229,8 +229,8 @@ def run_script(*args, cwd=ROOT):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch_size", "-3"], "argument --batch_size: must be a positive integer, got '-3'"),
-        (["--max_epochs", "-1"], "argument --max_epochs: must be a non-negative integer, got '-1'"),
+        (["--batch_size", "-3"], "argument --batch_size: must be an integer in [1, 65,536], got '-3'"),
+        (["--max_epochs", "-1"], "argument --max_epochs: must be an integer in [0, 100,000,000], got '-1'"),
         (["--model", "R7_C10"], "unknown model 'R7_C10'; valid models: R20_C10"),
     ],
 )
