@@ -24,7 +24,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from core.cli import ArgumentParser, UserError, float_in, run
+from core.cli import ArgumentParser, UserError, check_output_dir, float_in, run
 from core.cli import path as path_arg
 
 URLS = (
@@ -281,6 +281,8 @@ def main(args) -> None:
     if not hasattr(tarfile, "data_filter"):
         raise UserError("unpacking safely needs tarfile's extraction filters: Python 3.10.12+, 3.11.4+ or 3.12+")
     archive, dest = Path(args.archive), Path(args.dest)
+    check_output_dir(dest, "--dest")
+    check_output_dir(archive.parent, "--archive")
     if archive.is_file():
         print(f"using {archive} (already here; delete it to download again)", flush=True)
     elif archive.exists():

@@ -157,6 +157,7 @@ def main(args):
         raise utils.UserError(f"--out {args.out}: give a file path without extension, e.g. {out / 'tradeoff'}")
     if not out.parent.is_dir():
         raise utils.UserError(f"the folder of --out, {out.parent}, does not exist")
+    utils.check_output_dir(out.parent, "--out")  # before any evaluation
     if args.baseline_resnet is not None and "resnet" not in utils.load_file(args.baseline_resnet):
         raise utils.UserError(f"--baseline_resnet {args.baseline_resnet} has no 'resnet' (not a finetuned checkpoint)")
     folder = utils.folder_data(args, *args.load)  # image folders: classes, normalisation

@@ -14,6 +14,7 @@ from core.cli import (
     UserError,
     batch_size,
     bounded_int,
+    check_output_dir,
     dpi,
     drop_probability,
     finite_float,
@@ -128,7 +129,7 @@ from core.inference import BlockDrop, class_names, image_transform, load_blockdr
 
 __all__ = [
     # core.cli
-    "MAX_BATCH", "MAX_COUNT", "SEED_MAX", "ArgumentParser", "UserError", "batch_size", "bounded_int", "dpi",
+    "MAX_BATCH", "MAX_COUNT", "SEED_MAX", "ArgumentParser", "UserError", "batch_size", "bounded_int", "check_output_dir", "dpi",
     "drop_probability", "finite_float", "fraction", "non_negative_float", "non_negative_int", "path", "positive_float",
     "positive_int", "probability", "run", "seed",
     # core.checkpoints

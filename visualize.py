@@ -191,6 +191,7 @@ def figure_block_keep(path, policies, layer_config, dpi: int):
 def main(args):
     if args.classes > MAX_CLASSES:
         raise utils.UserError(f"--classes {args.classes}: at most {MAX_CLASSES} classes fit in a figure")
+    utils.check_output_dir(args.out, "--out")  # before any work
     device = utils.runtime(args.device).device
     utils.set_seed(args.seed)
     folder = utils.folder_data(args, args.load)  # image folders: classes, normalisation

@@ -4,6 +4,7 @@ import argparse
 import math
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -52,11 +53,22 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, an interrupt: no partial file stays behind
+        tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write of its zip writer as a RuntimeError
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "writ" in str(e)):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise UserError(
+                f"cannot write {path} ({reason}; {free:.0f} MB free there): the previous file, if any, is intact"
+            ) from None
+        raise
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:

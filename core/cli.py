@@ -7,7 +7,9 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -79,6 +81,8 @@ def run(
 
     Under torchrun the first process of each node prints it (the others hit the same error), unless
     the error is the process's own (``every_process``).
+    Ctrl-C ends with one line (what is kept, how to go on) and exit code 130; a failed write or
+    read of the file system (a full disk, a folder that cannot be written) with one line and exit code 2.
     """
     args = parser.parse_args(argv)
     try:
@@ -87,3 +91,30 @@ def run(
         if os.environ.get("LOCAL_RANK", "0") == "0" or e.every_process:
             print(f"{parser.prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        resume = " (a training run: the same command with --resume goes on from its last finished epoch)"
+        print(
+            f"\n{parser.prog}: interrupted: the files already written are complete and kept"
+            f"{resume if hasattr(args, 'resume') else ''}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{parser.prog}: error: {e.strerror or e}{where}; nothing half-written is left", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_output_dir(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse, before any work, an output folder that cannot be written: a file, a special file
+    system, a read-only or full one. Writes nothing: it tries a temporary file in the folder, or in
+    its nearest existing parent when the folder is still to be made, and removes it."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot write in {existing} ({e.strerror or e})") from None

@@ -14,7 +14,7 @@ from tensorboardX import SummaryWriter
 
 from core import distributed
 from core.checkpoints import checkpoint_path, save_checkpoint
-from core.cli import UserError
+from core.cli import UserError, check_output_dir
 from core.reinforce import Stats, performance_stats
 from core.resume import RESUME_FILE, load_resume, save_resume, set_rng_state
 
@@ -34,6 +34,8 @@ class TrainingRun:
         self.args = args
         self.cv_dir = Path(cv_dir)
         self.is_main = distributed.is_main()
+        if self.is_main:
+            check_output_dir(self.cv_dir, "--cv_dir")  # before any work
         self.resumed = load_resume(args, cv_dir)  # last.t7's dict; None for a new run
         self.resume_path = self.cv_dir / RESUME_FILE
         self._first = self.last_epoch = 0

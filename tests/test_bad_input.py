@@ -206,3 +206,68 @@ def test_a_damaged_last_t7_is_one_line(damage, finished_run, tmp_path, monkeypat
     assert code == 2 and len(err.splitlines()) == 1, (out, err)
     assert "last.t7" in err
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written
+
+
+# Output paths, full disks and interrupts.
+OUTPUTS = [
+    ("pretrain", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("cl_training", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("finetune", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("visualize", ["--model", "R20_C10", "--dummy", 8, "--load", "x.t7", "--out"]),
+    ("download_checkpoints", ["--archive", "x.tar.gz", "--dest"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", OUTPUTS)
+def test_an_output_folder_that_cannot_be_written_is_refused_first(script, argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("in the way")
+    targets = ["a_file/sub"] + (["/proc/blockdrop-test"] if Path("/proc/self").is_dir() else [])
+    for target in targets:
+        code, out, err = run_main(script, [*argv, target], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, (out, err)
+        assert target in err and ("is not a folder" in err or "cannot write in" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+
+
+def test_a_full_disk_leaves_no_partial_file_and_the_previous_one_intact(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import core.checkpoints
+    import utils
+
+    path = tmp_path / "ckpt.t7"
+    utils.save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core.checkpoints.torch, "save", full_disk)
+    with pytest.raises(utils.UserError, match=r"cannot write .*ckpt.t7 \(No space left on device; \d+ MB free there\)"):
+        utils.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.t7"]  # no .tmp left
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--model", "R20_C10", "--dummy", "64", "--workers", "0",
+           "--batch_size", "8", "--epochs", "1000", "--cv_dir", "run"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "last.t7").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip() and "random weights" not in line]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert not list((tmp_path / "run").glob("*.tmp"))
