@@ -93,13 +93,27 @@ def cleanup() -> None:
 
 @contextmanager
 def node_main_first():
-    """Run the body in each node's first process before the others (downloads, caches)."""
+    """Run the body in each node's first process before the others (downloads, caches).
+
+    Where a first process fails in the body (bad input: it prints the one line), the others stop
+    too, quietly (exit code 2), instead of a traceback at a barrier whose peer is gone.
+    """
+    if world_size() == 1:
+        yield
+        return
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    if world_size() > 1 and not first:
-        dist.barrier()
-    yield
-    if world_size() > 1 and first:
-        dist.barrier()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if not first:
+        if any_process(False, device):  # the barrier, and what happened before it
+            raise UserError("another process stopped with an error (printed by the node's first process)")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        any_process(True, device)
+        raise
+    any_process(False, device)
 
 
 def wrap(module: nn.Module, device: torch.device) -> nn.Module:

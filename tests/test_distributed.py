@@ -411,3 +411,19 @@ def test_sampled_policies_are_a_function_of_seed_and_epoch():
     again = utils.sample_policy(probs, 0.8, utils.epoch_generator(0, 3, torch.device("cpu")))[1]
     assert torch.equal(policy, again)
     assert not torch.equal(policy, utils.sample_policy(probs, 0.8, utils.epoch_generator(0, 4, torch.device("cpu")))[1])
+
+
+def test_bad_input_under_torchrun_is_each_process_s_exit_code_2_and_one_line(tmp_path):
+    # The node's first process fails while the other waits for it (loading --load): both stop, with
+    # exit code 2 and no traceback; what follows the script's line is torchrun's own report.
+    result = run("cl_training.py", *FAKE, "--load", "nothere.t7", "--cv_dir", "cv/", cwd=tmp_path, parallel=True)
+    lines = result.stderr.splitlines()
+    assert lines[0] == "cl_training.py: error: checkpoint nothere.t7 does not exist", result.stderr[-3000:]
+    assert (
+        result.stderr.count("error: checkpoint nothere.t7") == 1 and "[rank" not in result.stderr
+    )  # no process traceback
+    codes = re.findall(r"exitcode\s*: (-?\d+) \(pid: (\d+)\)", result.stderr)
+    # a process that stops exits with 2; torchrun may end the other one first (SIGTERM, -15)
+    assert len({pid for _, pid in codes}) == 2 and "2" in {c for c, _ in codes} <= {"2", "-15"}, result.stderr[-3000:]
+    assert result.returncode == 1  # torchrun's own, for any failed process
+    assert list(tmp_path.iterdir()) == []
