@@ -24,7 +24,7 @@ import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from core.cli import ArgumentParser, UserError, check_output_dir, float_in, run
+from core.cli import ArgumentParser, HelpFormatter, UserError, check_output_dir, float_in, run
 from core.cli import path as path_arg
 
 URLS = (
@@ -45,7 +45,7 @@ def sha256_hex(text: str) -> str:
 def get_args_parser():
     p = ArgumentParser(
         description="Download the authors' released BlockDrop checkpoints and unpack them into cv/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--url",

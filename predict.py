@@ -7,7 +7,6 @@ object), then a last line gives the images per second. A file that cannot be rea
 one line on stderr naming it; the other images are still classified, and the exit code is 2.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -24,7 +23,7 @@ def get_args_parser():
     p = utils.ArgumentParser(
         prog="predict.py",
         description="Classify images with a BlockDrop checkpoint, running only the blocks its policy keeps.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=utils.HelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively for images")
     p.add_argument("--model", type=utils.model_name, required=True, help="the checkpoint's model, e.g. R110_FMNIST")

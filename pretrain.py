@@ -57,8 +57,9 @@ def get_args_parser():
     )
     utils.add_run_flags(
         p,
-        "continue the run in the output folder from its newest pk_E file: weights, optimizer, schedule "
-        "and random state, so that it ends as an uninterrupted run would; starts a new run when there is none",
+        "continue the run in the output folder from its last.t7 (written after every epoch): weights, "
+        "optimizer, schedule and random state, so that it ends as an uninterrupted run would; starts a new "
+        "run when there is none",
     )
     return p
 

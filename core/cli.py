@@ -24,6 +24,16 @@ class UserError(Exception):
         self.every_process = every_process
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default at the end of its help, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad input in one line (no usage block) with exit code 2."""
 

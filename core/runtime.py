@@ -12,6 +12,7 @@ from torch import nn
 from core import distributed
 from core.cli import (
     ArgumentParser,
+    HelpFormatter,
     UserError,
     batch_size,
     non_negative_int,
@@ -61,9 +62,7 @@ def common_parser() -> argparse.ArgumentParser:
 
 def make_parser(description: str) -> ArgumentParser:
     """A script's parser: common flags as a parent, defaults shown in every help line."""
-    return ArgumentParser(
-        description=description, parents=[common_parser()], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    return ArgumentParser(description=description, parents=[common_parser()], formatter_class=HelpFormatter)
 
 
 def add_amp_flag(p: argparse.ArgumentParser) -> None:
