@@ -20,6 +20,7 @@ original (``--sparse``: sparse, other BatchNorm statistics).
 """
 
 import json
+import math
 import platform
 import statistics
 import sys
@@ -106,6 +107,11 @@ def time_alternating(fns: dict, device: torch.device, args) -> dict[str, float]:
 def inference_inputs(args, spec, device, folder):
     """Images (N, C, H, W) and, for synthetic policies, the policies (N, K)."""
     n = args.images or max(args.batch_sizes)
+    # the images, and about ten batches of the widest activations (64 channels at the input's size)
+    widest = max(args.batch_sizes) * 64 * spec.input_size[1] * spec.input_size[2] * 4 * 10
+    utils.check_fits(
+        n * math.prod(spec.input_size) * 4 + widest, f"--images {n} and --batch_sizes {max(args.batch_sizes)}"
+    )
     if args.load:
         _, testset = utils.get_data(args, folder)
         if len(testset) < n:

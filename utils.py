@@ -15,6 +15,7 @@ from core.cli import (
     UserError,
     batch_size,
     bounded_int,
+    check_fits,
     check_output_dir,
     dpi,
     drop_probability,
@@ -130,7 +131,7 @@ from core.inference import BlockDrop, class_names, image_transform, load_blockdr
 
 __all__ = [
     # core.cli
-    "MAX_BATCH", "MAX_COUNT", "SEED_MAX", "ArgumentParser", "HelpFormatter", "UserError", "batch_size", "bounded_int", "check_output_dir", "dpi",
+    "MAX_BATCH", "MAX_COUNT", "SEED_MAX", "ArgumentParser", "HelpFormatter", "UserError", "batch_size", "bounded_int", "check_fits", "check_output_dir", "dpi",
     "drop_probability", "finite_float", "fraction", "non_negative_float", "non_negative_int", "path", "positive_float",
     "positive_int", "probability", "run", "seed",
     # core.checkpoints

@@ -109,10 +109,39 @@ def run(
             file=sys.stderr,
         )
         sys.exit(130)
+    except MemoryError:
+        print(f"{parser.prog}: error: out of memory: try a smaller --batch_size (or fewer images)", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:  # PyTorch's allocators report running out of memory as RuntimeErrors
+        if "out of memory" not in str(e).lower() and "can't allocate memory" not in str(e):
+            raise
+        print(
+            f"{parser.prog}: error: out of memory ({str(e).splitlines()[0][:120]}): try a smaller --batch_size",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"{parser.prog}: error: {e.strerror or e}{where}; nothing half-written is left", file=sys.stderr)
         sys.exit(2)
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """The stated rule for sizes: what a flag makes the program hold at once must fit in half of the
+    machine's memory; otherwise one line, before any work."""
+    limit = memory_bytes() // 2
+    if limit and nbytes > limit:
+        raise UserError(
+            f"{what} take {nbytes / 2**30:.1f} GiB, more than half of this machine's {limit / 2**29:.0f} GiB of memory"
+        )
 
 
 def check_output_dir(folder: str | os.PathLike, flag: str) -> None:

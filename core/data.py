@@ -1,6 +1,7 @@
 """Datasets and their transforms: CIFAR, Fashion-MNIST (Debian's files or torchvision), ImageNet folders."""
 
 import gzip
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from core.cli import UserError
+from core.cli import UserError, check_fits
 from core.folders import ClassFolders, FolderData
 from core.models import MODELS, model_spec
 
@@ -178,6 +179,7 @@ def get_dataset(model: str, root: str = "data/", folder: FolderData | None = Non
 def get_dummy_dataset(model: str, n: int, seed: int = 0, num_classes: int | None = None):
     """``n`` random images of the model's input size with random labels, as train and test sets."""
     spec = model_spec(model)
+    check_fits(n * math.prod(spec.input_size) * 4, f"--dummy {n}: the fake images")
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, *spec.input_size, generator=g)
     labels = torch.randint(0, num_classes or spec.num_classes or 10, (n,), generator=g)
