@@ -151,7 +151,135 @@ def test_pretrain_refuses_another_model_s_base_file(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     argv = ["--model", "R20_FMNIST", "--dummy", 8, "--workers", 0, "--load", "pk.t7", "--epochs", 3]
     code, _, err = run_main("pretrain", argv, capsys)
-    assert code == 2 and len(err.splitlines()) == 1
+    assert code == 2 and err.strip().endswith(": error: pk.t7 is a checkpoint of R20_C10, not of R20_FMNIST")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pk.t7"]
+
+
+LAST_T7_DAMAGE = {
+    "args is a string": lambda s: s.update(args="--lr 1"),
+    "rng is empty": lambda s: s.update(rng={}),
+    "rng is damaged": lambda s: s["rng"].update(python=(3, (1, 2), None)),
+    "optimizer is empty": lambda s: s.update(optimizer={}),
+    "optimizer of another network": lambda s: s["optimizer"].update(param_groups=[]),
+    "epoch is a string": lambda s: s.update(epoch="one"),
+    "first_epoch is negative": lambda s: s.update(first_epoch=-1),
+    "NaN weights": lambda s: s["agent"]["logit.weight"].fill_(float("nan")),
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch finetuning run on fake data: its folder, to be damaged by each test."""
+    import subprocess
+    import sys
+
+    work = tmp_path_factory.mktemp("run")
+    ckpt = work / "cl.t7"
+    import torch
+
+    state = finetuned()
+    del state["resnet"]
+    torch.save(state, ckpt)
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model", "R20_C10", "--dummy", "8", "--workers", "0",
+           "--batch_size", "4", "--max_epochs", "0", "--cv_dir", "ft", "--pretrained", str(ckpt)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return work
+
+
+@pytest.mark.parametrize("damage", LAST_T7_DAMAGE)
+def test_a_damaged_last_t7_is_one_line(damage, finished_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import torch
+
+    work = tmp_path / "w"
+    shutil.copytree(finished_run, work)
+    state = torch.load(work / "ft" / "last.t7", weights_only=True)
+    LAST_T7_DAMAGE[damage](state)
+    torch.save(state, work / "ft" / "last.t7")
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    monkeypatch.chdir(work)
+    argv = ["--model", "R20_C10", "--dummy", 8, "--workers", 0, "--batch_size", 4, "--max_epochs", 1, "--cv_dir", "ft",
+            "--pretrained", "cl.t7", "--resume"]  # fmt: skip
+    code, out, err = run_main("finetune", argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, (out, err)
+    assert "last.t7" in err
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before  # nothing written
+
+
+# Output paths, full disks and interrupts.
+OUTPUTS = [
+    ("pretrain", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("cl_training", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("finetune", ["--model", "R20_C10", "--dummy", 8, "--cv_dir"]),
+    ("visualize", ["--model", "R20_C10", "--dummy", 8, "--load", "x.t7", "--out"]),
+    ("download_checkpoints", ["--archive", "x.tar.gz", "--dest"]),
+]
+
+
+@pytest.mark.parametrize("script, argv", OUTPUTS)
+def test_an_output_folder_that_cannot_be_written_is_refused_first(script, argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("in the way")
+    targets = ["a_file/sub"] + (["/proc/blockdrop-test"] if Path("/proc/self").is_dir() else [])
+    for target in targets:
+        code, out, err = run_main(script, [*argv, target], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, (out, err)
+        assert target in err and ("is not a folder" in err or "cannot write in" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+
+
+def test_a_full_disk_leaves_no_partial_file_and_the_previous_one_intact(tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    import core.checkpoints
+    import utils
+
+    path = tmp_path / "ckpt.t7"
+    utils.save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(core.checkpoints.torch, "save", full_disk)
+    with pytest.raises(utils.UserError, match=r"cannot write .*ckpt.t7 \(No space left on device; \d+ MB free there\)"):
+        utils.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.t7"]  # no .tmp left
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--model", "R20_C10", "--dummy", "64", "--workers", "0",
+           "--batch_size", "8", "--epochs", "1000", "--cv_dir", "run"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "last.t7").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip() and "random weights" not in line]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0], err
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_sizes_must_fit_in_half_the_memory(tmp_path, monkeypatch, capsys):
+    import core.cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(core.cli, "memory_bytes", lambda: 2 * 2**20)  # a machine of 2 MiB
+    code, _, err = run_main("test", ["--model", "R20_C10", "--dummy", 100, "--workers", 0], capsys)
+    assert code == 2 and len([line for line in err.splitlines() if "error:" in line]) == 1
     assert "--dummy 100: the fake images take" in err and "more than half of this machine's" in err, err
     assert list(tmp_path.iterdir()) == []
 
