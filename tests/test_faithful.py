@@ -186,10 +186,10 @@ def run_script(stage, rnet, agent, x, y, policies, monkeypatch, alpha, penalty, 
     losses = []
     check = utils.check_finite
 
-    def record(value, what):
+    def record(value, what, why=""):
         if what == "loss":
             losses.append(value.item())
-        check(value, what)
+        check(value, what, why)
 
     monkeypatch.setattr(core.reinforce, "sample_policy", fixed)  # what sampled_batches draws
     monkeypatch.setattr(utils, "check_finite", record)

@@ -276,7 +276,7 @@ def test_bad_input_is_one_line_and_writes_nothing(curriculum, workdir):
     (workdir / "a_file").write_text("")
     assert_one_line_error(
         run("cl_training.py", *common[:4], "--max_epochs", 0, "--cv_dir", "a_file/run", cwd=workdir),
-        "cannot create the output folder a_file/run",
+        "--cv_dir a_file/run: a_file is not a folder",
     )
     assert_one_line_error(
         run("test.py", "--model", "R20_C10", "--dummy", 4, "--batch_size", 0, cwd=workdir),
