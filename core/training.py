@@ -156,8 +156,6 @@ def write_run_info(cv_dir: str | os.PathLike, args, resumed_at: int | None = Non
         cv_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {cv_dir} ({e.strerror})") from None
-    if not os.access(cv_dir, os.W_OK):
-        raise UserError(f"the output folder {cv_dir} is not writable")
     info = {
         "args": vars(args),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
