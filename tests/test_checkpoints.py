@@ -136,6 +136,7 @@ def test_the_test_slice_is_the_start_of_the_fashion_mnist_test_set():
 # measured when they were shipped: accuracy and mean blocks used, greedy policies.
 SHIPPED_BLOCKDROP = [
     ("R32_FMNIST", "cv/finetuned/R32_FMNIST_gamma_1/ckpt_E_10_A_0.934_R_6.65E-01_S_7.00_#_1.t7", 0.949, 7.0),
+    ("R110_FMNIST", "cv/finetuned/R110_FMNIST_gamma_5/ckpt_E_7_A_0.929_R_4.84E-01_S_16.73_#_21.t7", 0.938, 16.734),
 ]
 
 
@@ -143,7 +144,8 @@ SHIPPED_BLOCKDROP = [
 def test_shipped_blockdrop_models_give_their_recorded_figures(model, path, accuracy, blocks, monkeypatch):
     monkeypatch.chdir(ROOT)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(ckpt) == {"agent", "resnet", "epoch", "reward", "acc"}
+    # The original's keys; the later one also records its model, as every checkpoint written here does.
+    assert set(ckpt) - {"model"} == {"agent", "resnet", "epoch", "reward", "acc"} and ckpt.get("model", model) == model
     assert all(v.dtype in (torch.float32, torch.int64) for key in ("agent", "resnet") for v in ckpt[key].values())
     assert f"_A_{ckpt['acc']:.3f}_" in path  # the full test set's accuracy, in the original's file name
     rnet, agent, _ = utils.models_for_run(model, path, init_agent=False)  # strict loading
