@@ -35,14 +35,18 @@ def base_accuracy(model: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def demo_summary(out_dir: str | Path, model: str = "R32_FMNIST", shipped_model: str = "R110_FMNIST") -> str:
+# demo.sh trains from the ResNet-32 base and profiles the shipped ResNet-110 BlockDrop model.
+TRAINED, SHIPPED = "R32_FMNIST", "R110_FMNIST"
+
+
+def demo_summary(out_dir: str | Path) -> str:
     """Two sentences on demo.sh's figures in ``out_dir``: the model it trained, then the shipped one."""
     out = Path(out_dir)
     base = read_test_output(out / "R32_base.txt")
     trained = read_test_output(out / "R32_blockdrop.txt")
     shipped = read_test_output(out / "R110_blockdrop.txt")
     bench = json.loads((out / "R110_benchmark.json").read_text())
-    k, k_shipped = model_spec(model).num_blocks, model_spec(shipped_model).num_blocks
+    k, k_shipped = model_spec(TRAINED).num_blocks, model_spec(SHIPPED).num_blocks
     points = 100 * (trained["accuracy"] - base["accuracy"])
     first = (
         f"The ResNet-32 finetuned here scores {trained['accuracy']:.1%} on the 10,000 test images against "
@@ -53,7 +57,7 @@ def demo_summary(out_dir: str | Path, model: str = "R32_FMNIST", shipped_model: 
     speedups = f"at {s0:.2f}x the full network's speed at batch {b0}" + "".join(
         f" and {s:.2f}x at batch {b}" for b, s in more
     )
-    recorded = base_accuracy(shipped_model)
+    recorded = base_accuracy(SHIPPED)
     against = f" (full network: {recorded:.1%})" if recorded is not None else ""
     second = (
         f"The shipped ResNet-110 BlockDrop model scores {shipped['accuracy']:.1%}{against} with "
